@@ -1,0 +1,84 @@
+"""Save and load (pruned) models.
+
+* Uniform layers whose head count divides the hidden size -> a vanilla config; any
+  ``from_pretrained`` loads it.
+* Otherwise (layers differ, or transformers would reject hidden % heads) -> the "remote code"
+  form: ``model_type`` becomes ``gqaprune_<base>``, ``auto_map`` points at
+  ``modeling_gqaprune.py`` copied beside the weights, and the config lists per-layer sizes.
+  It loads with ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` anywhere,
+  and with :func:`load_model` here without trusting remote code.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from gqaprune.remote import modeling_gqaprune as remote
+from gqaprune.structured.surgery import CFG_LAYER_HEADS, CFG_LAYER_INTER, CFG_LAYER_KV
+from gqaprune.structured.units import model_shapes
+
+REMOTE_FILE = "modeling_gqaprune.py"
+REMOTE_PREFIX = "gqaprune_"
+
+
+def base_model_type(config) -> str:
+    return getattr(config, "gqaprune_base_model_type", None) or config.model_type.removeprefix(REMOTE_PREFIX)
+
+
+def needs_remote_code(model) -> bool:
+    shapes = model_shapes(model)
+    uniform = len({(s.n_heads, s.n_kv, s.intermediate) for s in shapes}) == 1
+    divisible = shapes[0].hidden % shapes[0].n_heads == 0
+    return not (uniform and divisible)
+
+
+def _remote_config(cfg: dict, base: str) -> dict:
+    conf_cls, model_cls = remote.CLASSES[base]
+    module = REMOTE_FILE.removesuffix(".py")
+    cfg.update(model_type=conf_cls.model_type, architectures=[model_cls.__name__],
+               gqaprune_base_model_type=base,
+               auto_map={"AutoConfig": f"{module}.{conf_cls.__name__}",
+                         "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"})
+    return cfg
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> dict:
+    """``save_pretrained`` model + tokenizer; returns {"format": "vanilla"|"remote_code", ...}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    remote_form = needs_remote_code(model)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if remote_form:
+        base = base_model_type(model.config)
+        if base not in remote.CLASSES:
+            raise ValueError(f"cannot write remote code for model_type {base}")
+        cfg_path = out / "config.json"
+        cfg = _remote_config(json.loads(cfg_path.read_text()), base)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        shutil.copyfile(Path(remote.__file__), out / REMOTE_FILE)
+    return {"format": "remote_code" if remote_form else "vanilla", "path": str(out)}
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load any checkpoint: our pruned forms through our own classes, others through Auto*."""
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = Path(path) / "config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text())
+        if str(cfg.get("model_type", "")).startswith(REMOTE_PREFIX):
+            _, model_cls = remote.CLASSES[cfg.get("gqaprune_base_model_type") or
+                                          cfg["model_type"].removeprefix(REMOTE_PREFIX)]
+            return model_cls.from_pretrained(str(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+
+
+def layer_sizes(config) -> dict:
+    """Per-layer sizes recorded in a pruned config (empty for an unpruned one)."""
+    return {k: getattr(config, k) for k in (CFG_LAYER_HEADS, CFG_LAYER_KV, CFG_LAYER_INTER)
+            if getattr(config, k, None) is not None}

@@ -1,0 +1,235 @@
+"""Registry of text sources and seeded token batches for calibration, evaluation and training.
+
+A source is a function ``(split) -> list[str]``. Hub sources (wikitext2, c4, ptb, squad, mixed)
+need ``datasets`` and a reachable hub; any local ``.txt`` / ``.jsonl`` / ``.json`` path and the
+built-in ``demo`` corpus work offline.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gqaprune.errors import UserError
+
+SOURCES: dict[str, Callable[[str], list[str]]] = {}
+HUB_SOURCES: set[str] = set()
+
+
+def register_source(name: str, hub: bool = True):
+    def deco(fn):
+        SOURCES[name] = fn
+        if hub:
+            HUB_SOURCES.add(name)
+        return fn
+    return deco
+
+
+def _offline_flag() -> bool:
+    return any(os.environ.get(v, "0") not in ("0", "", "false", "False")
+               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+@lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe, so an offline machine fails at once instead of after retries."""
+    if _offline_flag():
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(name: str, *args, **kwargs):
+    if not hub_reachable():
+        raise UserError(f"dataset '{name}' cannot be reached (offline: the Hugging Face hub is not "
+                        "reachable or HF_DATASETS_OFFLINE is set)",
+                        "pass a local .txt/.jsonl file path instead, or run where the hub is reachable")
+    from datasets import load_dataset
+    try:
+        return load_dataset(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
+        raise UserError(f"dataset '{name}' could not be loaded: {str(exc).splitlines()[0][:200]}",
+                        "check the name/split or pass a local file") from exc
+
+
+def _split(split: str, valid: str = "validation") -> str:
+    return {"train": "train", "validation": valid, "test": "test"}.get(split, split)
+
+
+@register_source("wikitext2")
+def wikitext2(split: str) -> list[str]:
+    ds = _load_hub("wikitext2", "wikitext", "wikitext-2-raw-v1", split=_split(split))
+    # Joined as one stream, as in the perplexity literature (the "\n\n".join protocol).
+    return ["".join(ds["text"])]
+
+
+@register_source("ptb")
+def ptb(split: str) -> list[str]:
+    ds = _load_hub("ptb", "ptb-text-only/ptb_text_only", "penn_treebank", split=_split(split))
+    return [" ".join(ds["sentence"])]
+
+
+_C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
+             "validation": "en/c4-validation.00000-of-00008.json.gz"}
+
+
+@register_source("c4")
+def c4(split: str) -> list[str]:
+    key = "train" if split == "train" else "validation"
+    ds = _load_hub("c4", "allenai/c4", data_files={key: _C4_FILES[key]}, split=key)
+    return list(ds["text"][:20000]) if key == "train" else list(ds["text"][:1100])
+
+
+@register_source("squad")
+def squad(split: str) -> list[str]:
+    ds = _load_hub("squad", "rajpurkar/squad", split=_split(split))
+    return [f"{c}\n{q}" for c, q in zip(ds["context"], ds["question"])]
+
+
+@register_source("mixed")
+def mixed(split: str) -> list[str]:
+    """Equal blend (by characters, roughly) of wikitext2, c4 and squad."""
+    parts = [wikitext2(split), c4(split), squad(split)]
+    budget = min(sum(len(t) for t in p) for p in parts)
+    out = []
+    for p in parts:
+        used = 0
+        for t in p:
+            if used >= budget:
+                break
+            out.append(t[: budget - used])
+            used += len(out[-1])
+    return out
+
+
+@register_source("demo", hub=False)
+def demo(split: str) -> list[str]:
+    from gqaprune.demo import demo_texts
+    return demo_texts("train" if split == "train" else "validation")
+
+
+def _record_text(rec: dict, path: Path, lineno: int) -> str:
+    if "text" in rec:
+        return str(rec["text"])
+    if "context" in rec and "question" in rec:
+        return f"{rec['context']}\n{rec['question']}"
+    if "instruction" in rec:
+        return "\n".join(str(rec[k]) for k in ("instruction", "input", "output") if rec.get(k))
+    raise UserError(f"record {lineno} of '{path}' has none of the fields text / context+question / "
+                    "instruction", "give each JSON record a 'text' field")
+
+
+def read_local_texts(path: str | Path) -> list[str]:
+    """``.txt``: paragraphs split on blank lines; ``.jsonl``/``.json``: one text per record."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"data file '{p}' not found", "pass an existing .txt, .jsonl or .json file")
+    if p.suffix == ".jsonl":
+        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
+        texts = [_record_text(json.loads(ln), p, i + 1) for i, ln in enumerate(lines)]
+    elif p.suffix == ".json":
+        data = json.loads(p.read_text())
+        data = data.get("data", data) if isinstance(data, dict) else data
+        texts = [_record_text(r, p, i + 1) for i, r in enumerate(data)]
+    else:
+        raw = p.read_text(encoding="utf-8", errors="replace")
+        texts = [para.strip() for para in raw.split("\n\n") if para.strip()]
+    if not texts:
+        raise UserError(f"data file '{p}' holds no text", "pass a non-empty file")
+    return texts
+
+
+def is_local(name: str) -> bool:
+    return name not in SOURCES and (Path(name).expanduser().exists() or "/" in name or
+                                    Path(name).suffix in (".txt", ".jsonl", ".json"))
+
+
+def load_texts(name: str, split: str = "train") -> list[str]:
+    """Texts of a registered source or of a local file."""
+    if name in SOURCES:
+        return SOURCES[name](split)
+    if is_local(name):
+        return read_local_texts(name)
+    raise UserError(f"unknown dataset '{name}'",
+                    f"use one of {', '.join(sorted(SOURCES))} or a path to a .txt/.jsonl/.json file")
+
+
+def split_local(texts: list[str], split: str, every: int = 10) -> list[str]:
+    """Deterministic train/held-out split of a local corpus by paragraph index.
+
+    Every ``every``-th paragraph (index % every == every - 1) is held out; the rest is for
+    calibration / training. Interleaving keeps both parts representative of the whole file
+    (a corpus whose style drifts from start to end would make a tail split unrepresentative).
+    """
+    if len(texts) < every:
+        return texts
+    held = split not in ("train",)
+    return [t for i, t in enumerate(texts) if (i % every == every - 1) == held]
+
+
+def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> torch.Tensor:
+    """Concatenate texts (blank-line joined) and tokenize once -> 1-D LongTensor [T]."""
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"])
+        if max_tokens is not None and len(ids) >= max_tokens:
+            break
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int,
+                   bos_id: int | None = None) -> torch.Tensor:
+    """``n_samples`` random windows of ``seq_len`` tokens -> LongTensor [n_samples, seq_len].
+
+    With ``bos_id`` the first position of each window is BOS (seq_len - 1 text tokens).
+    """
+    body = seq_len - (1 if bos_id is not None else 0)
+    if stream.numel() <= body:
+        raise UserError(f"calibration text has {stream.numel()} tokens, fewer than one window of "
+                        f"{body}", "use more text or a shorter sequence length")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, stream.numel() - body, (n_samples,), generator=gen)
+    windows = torch.stack([stream[s: s + body] for s in starts.tolist()])
+    if bos_id is not None:
+        windows = torch.cat([torch.full((n_samples, 1), bos_id, dtype=torch.long), windows], 1)
+    return windows
+
+
+def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
+                        split: str = "train") -> torch.Tensor:
+    """Seeded calibration samples -> LongTensor [n_samples, seq_len].
+
+    Local files are split 90/10 so that calibration never sees the held-out tail used for
+    evaluation.
+    """
+    if n_samples < 1 or seq_len < 2:
+        raise UserError(f"need at least 1 sample of 2 tokens (got {n_samples} x {seq_len})",
+                        "raise the number of samples / sequence length")
+    texts = load_texts(source, split)
+    if is_local(source):
+        texts = split_local(texts, split)
+    # Enough tokens for diverse windows without tokenizing a whole corpus.
+    stream = token_stream(tokenizer, texts, max_tokens=max(n_samples * seq_len * 20, 200_000))
+    return sample_windows(stream, n_samples, seq_len, seed, tokenizer.bos_token_id)
+
+
+def eval_stream(tokenizer, name: str, split: str = "validation",
+                max_tokens: int | None = None) -> torch.Tensor:
+    """Held-out token stream [T] for perplexity: texts joined by single newlines.
+
+    Local files: the held-out tail (last 10% of paragraphs, never used for calibration) for any
+    split but "train"; blank lines collapse to single newlines.
+    """
+    texts = load_texts(name, split)
+    if is_local(name):
+        texts = split_local(texts, "train" if split == "train" else "validation")
+    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, zero-shot (lm-eval), offline tasks, speed and size."""

@@ -1,0 +1,195 @@
+"""Model aliases, loading, and the architecture facts pruning relies on."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gqaprune.errors import UserError
+
+# Decoder layers with q/k/v/o + gate/up/down projections (Qwen2 adds q/k/v biases).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+DEMO_ALIAS = "demo"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    alias: str     # what the user typed
+    path: str      # HF hub id or local directory
+    family: str    # Llama | Qwen | Mistral | Demo | custom
+    variant: str   # Base | Instruct
+
+
+BUILTIN_ALIASES: dict[str, ModelSpec] = {
+    a.alias: a for a in (
+        ModelSpec("Llama", "meta-llama/Meta-Llama-3-8B", "Llama", "Base"),
+        ModelSpec("Llama-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct", "Llama", "Instruct"),
+        ModelSpec("Qwen", "Qwen/Qwen2.5-7B", "Qwen", "Base"),
+        ModelSpec("Qwen-Instruct", "Qwen/Qwen2.5-7B-Instruct", "Qwen", "Instruct"),
+        ModelSpec("Mistral", "mistralai/Mistral-7B-v0.3", "Mistral", "Base"),
+        ModelSpec("Mistral-Instruct", "mistralai/Mistral-7B-Instruct-v0.3", "Mistral", "Instruct"),
+    )
+}
+
+ALIASES_ENV = "GQAPRUNE_MODELS"  # path of a user aliases file (JSON or YAML)
+
+
+def load_alias_file(path: str | os.PathLike) -> dict[str, ModelSpec]:
+    """Read ``{alias: {path, family?, variant?}}`` (or ``{alias: path}``) from JSON/YAML."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"model aliases file '{p}' not found", "pass an existing JSON or YAML file")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+        raw = yaml.safe_load(text) or {}
+    else:
+        raw = json.loads(text)
+    out = {}
+    for alias, entry in raw.items():
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        base = BUILTIN_ALIASES.get(alias)
+        out[alias] = ModelSpec(alias, entry["path"],
+                               entry.get("family", base.family if base else "custom"),
+                               entry.get("variant", base.variant if base else
+                                         ("Instruct" if "instruct" in alias.lower() else "Base")))
+    return out
+
+
+def known_aliases(aliases_file: str | None = None) -> dict[str, ModelSpec]:
+    table = dict(BUILTIN_ALIASES)
+    file = aliases_file or os.environ.get(ALIASES_ENV)
+    if file:
+        table.update(load_alias_file(file))
+    return table
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def infer_family(name: str) -> str:
+    low = name.lower()
+    for fam in ("llama", "qwen", "mistral"):
+        if fam in low:
+            return fam.capitalize()
+    return "custom"
+
+
+def resolve_model(name: str, aliases_file: str | None = None) -> ModelSpec:
+    """Alias, ``demo``, local directory or HF hub id -> :class:`ModelSpec`."""
+    table = known_aliases(aliases_file)
+    if name in table:
+        return table[name]
+    if name == DEMO_ALIAS:
+        return ModelSpec(DEMO_ALIAS, DEMO_ALIAS, "Demo", "Base")
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model directory '{path}' has no config.json",
+                            "point --model at a Hugging Face model folder")
+        variant = "Instruct" if "instruct" in path.name.lower() else "Base"
+        return ModelSpec(name, str(path.resolve()), infer_family(str(path)), variant)
+    if _looks_like_hub_id(name):
+        variant = "Instruct" if "instruct" in name.lower() else "Base"
+        return ModelSpec(name, name, infer_family(name), variant)
+    raise UserError(f"unknown model '{name}'",
+                    f"use one of {', '.join(sorted(table) + [DEMO_ALIAS])}, an HF id (org/name) "
+                    f"or an existing local directory")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device '{device}' requested but no GPU is visible", "use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UserError(f"unknown device '{device}'", "use auto, cpu, cuda or cuda:N") from exc
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'", f"use auto or one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32,
+                             device: torch.device | str = "cpu"):
+    """Load a causal LM and its tokenizer; pruned checkpoints load through our own loader."""
+    from transformers import AutoTokenizer
+
+    from gqaprune import checkpoint
+
+    path = spec.path
+    if spec.alias == DEMO_ALIAS and spec.path == DEMO_ALIAS:
+        from gqaprune.demo import ensure_demo_model
+        path = str(ensure_demo_model())
+    try:
+        model = checkpoint.load_model(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except UserError:
+        raise
+    except OSError as exc:
+        if Path(path).exists():
+            raise UserError(f"could not load model files from '{path}': {str(exc).splitlines()[0]}",
+                            "check the folder holds config.json, weights and a tokenizer") from exc
+        raise UserError(
+            f"model '{path}' could not be fetched from the Hugging Face hub"
+            + (" (offline)" if _hub_offline() else ""),
+            "download it first (huggingface-cli download) and pass the local directory, "
+            "or map the alias to it in a models file (GQAPRUNE_MODELS)") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    check_architecture(model)
+    return model.to(device).eval(), tokenizer
+
+
+def check_architecture(model) -> None:
+    """Only Llama/Qwen2/Mistral-style decoders (q/k/v/o + gate/up/down) can be pruned."""
+    mtype = getattr(model.config, "model_type", "?")
+    base = getattr(model.config, "gqaprune_base_model_type", mtype)
+    if base not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"unsupported architecture '{mtype}'",
+                        f"gqaprune prunes {', '.join(SUPPORTED_MODEL_TYPES)}-style decoder models")
+    layer = decoder_layers(model)[0]
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if not hasattr(layer.self_attn, name):
+            raise UserError(f"architecture '{mtype}' lacks self_attn.{name}",
+                            "only Llama/Qwen2/Mistral-style decoder layers are supported")
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        if not hasattr(layer.mlp, name):
+            raise UserError(f"architecture '{mtype}' lacks mlp.{name}",
+                            "only Llama/Qwen2/Mistral-style decoder layers are supported")
+
+
+def decoder_layers(model):
+    """The ``nn.ModuleList`` of decoder layers of a *ForCausalLM (or its peft wrapper)."""
+    inner = model
+    for attr in ("base_model", "model"):
+        while hasattr(inner, attr) and not hasattr(inner, "layers"):
+            inner = getattr(inner, attr)
+    if not hasattr(inner, "layers"):
+        raise UserError("model has no decoder layers (model.layers)",
+                        "only Llama/Qwen2/Mistral-style causal LMs are supported")
+    return inner.layers
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,25 @@
+"""Matplotlib figures of results (returned, never shown; the caller logs them)."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def layer_summary_figure(rows: list[dict], title: str):
+    """Grouped bars per layer: pruned fraction of attention, MLP and the whole layer."""
+    layers = [r["layer"] for r in rows]
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 3.6))
+    for k, (key, label) in enumerate((("kept_attn_frac", "attention"), ("kept_mlp_frac", "MLP"),
+                                      ("kept_frac", "layer"))):
+        ax.bar([x + (k - 1) * width for x in layers], [1 - r[key] for r in rows], width, label=label)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("fraction of parameters pruned")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(layers)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

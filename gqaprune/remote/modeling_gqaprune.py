@@ -1,0 +1,84 @@
+"""Llama / Qwen2 / Mistral models whose decoder layers have different sizes after pruning.
+
+This file is copied into every non-uniform checkpoint written by gqaprune and referenced from
+``auto_map`` in its config.json, so ``AutoModelForCausalLM.from_pretrained(dir,
+trust_remote_code=True)`` works on any machine with transformers, without gqaprune installed.
+It must therefore import nothing but torch and transformers.
+
+The config keeps the original (valid) head counts and adds per-layer lists:
+``gqaprune_layer_num_heads``, ``gqaprune_layer_num_kv_heads``,
+``gqaprune_layer_intermediate_sizes``. After the stock model is built, each layer's projections
+are replaced by Linear modules of the recorded sizes; then the weights load as usual.
+"""
+from torch import nn
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+
+def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+                     device=old.weight.device, dtype=old.weight.dtype)
+
+
+def resize_decoder_layers(model, config) -> None:
+    """Give layer i ``heads[i]`` query heads, ``kv[i]`` KV heads and ``inter[i]`` MLP channels."""
+    heads = getattr(config, "gqaprune_layer_num_heads", None)
+    kv = getattr(config, "gqaprune_layer_num_kv_heads", None)
+    inter = getattr(config, "gqaprune_layer_intermediate_sizes", None)
+    if heads is None or kv is None or inter is None:
+        return
+    hidden = config.hidden_size
+    hd = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.q_proj = _linear(attn.q_proj, hidden, heads[i] * hd)
+        attn.k_proj = _linear(attn.k_proj, hidden, kv[i] * hd)
+        attn.v_proj = _linear(attn.v_proj, hidden, kv[i] * hd)
+        attn.o_proj = _linear(attn.o_proj, heads[i] * hd, hidden)
+        mlp.gate_proj = _linear(mlp.gate_proj, hidden, inter[i])
+        mlp.up_proj = _linear(mlp.up_proj, hidden, inter[i])
+        mlp.down_proj = _linear(mlp.down_proj, inter[i], hidden)
+
+
+class GQAPrunedLlamaConfig(LlamaConfig):
+    model_type = "gqaprune_llama"
+
+
+class GQAPrunedQwen2Config(Qwen2Config):
+    model_type = "gqaprune_qwen2"
+
+
+class GQAPrunedMistralConfig(MistralConfig):
+    model_type = "gqaprune_mistral"
+
+
+class GQAPrunedLlamaForCausalLM(LlamaForCausalLM):
+    config_class = GQAPrunedLlamaConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_decoder_layers(self, config)
+
+
+class GQAPrunedQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = GQAPrunedQwen2Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_decoder_layers(self, config)
+
+
+class GQAPrunedMistralForCausalLM(MistralForCausalLM):
+    config_class = GQAPrunedMistralConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        resize_decoder_layers(self, config)
+
+
+# base model_type -> (config class, model class)
+CLASSES = {
+    "llama": (GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM),
+    "qwen2": (GQAPrunedQwen2Config, GQAPrunedQwen2ForCausalLM),
+    "mistral": (GQAPrunedMistralConfig, GQAPrunedMistralForCausalLM),
+}

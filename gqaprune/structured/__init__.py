@@ -1,0 +1,1 @@
+"""Structured GQA-aware pruning: units -> importance -> plan -> surgery."""
