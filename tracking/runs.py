@@ -138,10 +138,15 @@ def where_to_look(experiment_id: str, run_id: str, stage: str) -> str:
 # ---- logging helpers: plain values in, MLflow out -----------------------------------------
 
 def log_params(params: Mapping[str, Any]) -> None:
-    clean = {k: ("" if v is None else str(v))[:_MAX_PARAM_LEN] for k, v in params.items()}
-    existing = mlflow.active_run().data.params if mlflow.active_run() else {}
-    # MLflow refuses to overwrite a param with a different value; skip identical re-logs.
-    fresh = {k: v for k, v in clean.items() if existing.get(k) != v}
+    """Log params as strings (None -> "none"); keys already on the run are left as they are.
+
+    ``mlflow run`` logs the ``-P`` values itself before the entry point starts, and MLflow refuses
+    to change a param, so the value the user typed wins over our normalised spelling of it.
+    """
+    clean = {k: ("none" if v is None else str(v))[:_MAX_PARAM_LEN] for k, v in params.items()}
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    fresh = {k: v for k, v in clean.items() if k not in existing}
     if fresh:
         mlflow.log_params(fresh)
 
