@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from gqaprune.remote import modeling_gqaprune as remote
+from gqaprune.structured.reconstruct import CFG_DOWN_BIAS, CFG_O_BIAS
 from gqaprune.structured.surgery import CFG_LAYER_HEADS, CFG_LAYER_INTER, CFG_LAYER_KV
 from gqaprune.structured.units import model_shapes
 
@@ -29,10 +30,13 @@ def base_model_type(config) -> str:
 
 
 def needs_remote_code(model) -> bool:
+    """Non-uniform / non-divisible layers, or o_proj/down_proj biases added by reconstruction."""
     shapes = model_shapes(model)
     uniform = len({(s.n_heads, s.n_kv, s.intermediate) for s in shapes}) == 1
     divisible = shapes[0].hidden % shapes[0].n_heads == 0
-    return not (uniform and divisible)
+    added_bias = any(getattr(model.config, CFG_O_BIAS, None) or []) or \
+        any(getattr(model.config, CFG_DOWN_BIAS, None) or [])
+    return not (uniform and divisible) or added_bias
 
 
 def _remote_config(cfg: dict, base: str) -> dict:
@@ -64,7 +68,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> dict:
     return {"format": "remote_code" if remote_form else "vanilla", "path": str(out)}
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, local_files_only: bool = False):
     """Load any checkpoint: our pruned forms through our own classes, others through Auto*."""
     from transformers import AutoModelForCausalLM
 
@@ -75,7 +79,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
             _, model_cls = remote.CLASSES[cfg.get("gqaprune_base_model_type") or
                                           cfg["model_type"].removeprefix(REMOTE_PREFIX)]
             return model_cls.from_pretrained(str(path), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
 
 
 def layer_sizes(config) -> dict:

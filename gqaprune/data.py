@@ -36,15 +36,21 @@ def _offline_flag() -> bool:
 
 
 @lru_cache(maxsize=1)
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick TCP probe, so an offline machine fails at once instead of after retries."""
-    if _offline_flag():
-        return False
+def _probe_hub(timeout: float = 3.0) -> bool:
     try:
         with socket.create_connection(("huggingface.co", 443), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def hub_reachable() -> bool:
+    """False when offline is requested (HF_*_OFFLINE) or one quick TCP probe fails, so an
+    offline machine fails at once instead of after the hub client's retries."""
+    return not _offline_flag() and _probe_hub()
+
+
+hub_reachable.cache_clear = _probe_hub.cache_clear  # type: ignore[attr-defined]
 
 
 def _load_hub(name: str, *args, **kwargs):

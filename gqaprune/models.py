@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from gqaprune.data import hub_reachable
 from gqaprune.errors import UserError
 
 # Decoder layers with q/k/v/o + gate/up/down projections (Qwen2 adds q/k/v biases).
@@ -126,8 +127,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32,
@@ -141,18 +143,31 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32
     if spec.alias == DEMO_ALIAS and spec.path == DEMO_ALIAS:
         from gqaprune.demo import ensure_demo_model
         path = str(ensure_demo_model())
+    # A hub id on a machine that cannot reach the hub: use the local HF cache or fail at once
+    # (the hub client would otherwise retry for about a minute before giving up).
+    offline = not Path(path).exists() and not hub_reachable()
+    if offline and not _in_hf_cache(path):
+        raise UserError(f"model '{path}' could not be fetched from the Hugging Face hub (offline)",
+                        "download it first (huggingface-cli download) and pass the local directory, "
+                        "or map the alias to it in a models file (GQAPRUNE_MODELS)")
     try:
-        model = checkpoint.load_model(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = checkpoint.load_model(path, dtype=dtype, local_files_only=offline)
+        # trust_remote_code=False: our pruned checkpoints carry an auto_map for the *model*; the
+        # tokenizer is a stock one and must not trigger transformers' "run custom code?" prompt.
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False,
+                                                  local_files_only=offline)
     except UserError:
         raise
+    except ValueError as exc:  # e.g. a model folder without any tokenizer files
+        raise UserError(f"could not load the model or tokenizer from '{path}': "
+                        f"{str(exc).splitlines()[0][:200]}",
+                        "check the folder holds config.json, weights and tokenizer files") from exc
     except OSError as exc:
         if Path(path).exists():
             raise UserError(f"could not load model files from '{path}': {str(exc).splitlines()[0]}",
                             "check the folder holds config.json, weights and a tokenizer") from exc
         raise UserError(
-            f"model '{path}' could not be fetched from the Hugging Face hub"
-            + (" (offline)" if _hub_offline() else ""),
+            f"model '{path}' could not be fetched from the Hugging Face hub",
             "download it first (huggingface-cli download) and pass the local directory, "
             "or map the alias to it in a models file (GQAPRUNE_MODELS)") from exc
     if tokenizer.pad_token is None:

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny GQA models built from configs, ../shared assets, a temporary MLflow store."""
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -66,6 +67,12 @@ def make_word_tokenizer(directory: Path):
                                    unk_token="<unk>", pad_token="<pad>")
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(directory)
+    # transformers 5 records the class as "TokenizersBackend", which AutoTokenizer resolves by the
+    # model's type (Qwen2Tokenizer for qwen2, losing our word-level vocab): pin the generic class.
+    cfg_path = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     return fast
 
 

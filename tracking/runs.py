@@ -32,8 +32,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
-def _uses_default_store() -> bool:
-    return "MLFLOW_TRACKING_URI" not in os.environ
+def _artifact_location(uri: str) -> str | None:
+    """Artifacts beside a sqlite store (``<db dir>/mlruns``); servers choose their own.
+
+    Without this, MLflow puts a sqlite store's artifacts in ``./mlruns`` of the current
+    directory, so two stores used from one directory would mix their artifact folders.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        root = db.parent if db.is_absolute() else Path.cwd() / db.parent
+        return (root / "mlruns").as_uri()
+    return None
 
 
 def setup(experiment: str | None = None) -> str:
@@ -42,8 +51,7 @@ def setup(experiment: str | None = None) -> str:
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or schema.DEFAULT_EXPERIMENT
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
-        location = (PROJECT_ROOT / "mlruns").as_uri() if _uses_default_store() else None
-        exp_id = mlflow.create_experiment(name, artifact_location=location)
+        exp_id = mlflow.create_experiment(name, artifact_location=_artifact_location(tracking_uri()))
     else:
         exp_id = exp.experiment_id
     if not os.environ.get("MLFLOW_RUN_ID"):
@@ -97,6 +105,11 @@ def entry_point(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any]
     ``parse`` runs inside the run so that flag errors are recorded too. Unexpected errors keep
     their traceback (they are bugs) but still leave the run FAILED.
     """
+    if raw_params is not None and "help" in raw_params:
+        try:  # --help prints and exits: no run to record
+            parse()
+        except SystemExit as exc:
+            return int(exc.code or 0)
     try:
         with tracked_run(stage) as run:
             try:

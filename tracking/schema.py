@@ -42,6 +42,104 @@ M_LAYER_KEPT_ATTN = "layer_{layer:02d}_kept_attn_frac"
 M_LAYER_KEPT_MLP = "layer_{layer:02d}_kept_mlp_frac"
 M_LAYER_KEPT = "layer_{layer:02d}_kept_frac"
 
+# ---- prune: non-uniform rates (layerwise / blockwise) and gradient diagnosis ----------------
+M_IMPORTANCE_TIME = "importance_time_s"              # layer importance analysis (0 when reused)
+M_LAYER_IMPORTANCE = "layer_{layer:02d}_importance"  # layerwise: the layer's importance
+M_LAYER_BLOCK_IMPORTANCE = "layer_{layer:02d}_{block}_importance"  # blockwise: block attn | mlp
+M_LAYER_TARGET_RATE = "layer_{layer:02d}_target_rate"
+M_LAYER_BLOCK_TARGET_RATE = "layer_{layer:02d}_{block}_target_rate"
+M_GRAD_NORM_RATIO = "grad_norm_ratio"                # max / min per-layer gradient L2 norm
+M_GRAD_MEAN_RATIO = "grad_mean_ratio"                # max / min per-layer mean |gradient|
+M_MEAN_RATIO = "mean_ratio"                          # max / min per-layer Taylor score per parameter
+M_NUM_EXTREME_LAYERS = "num_extreme_pruning_layers"  # layers (or blocks) pruned beyond 90%
+M_LAYER_GRAD_NORM = "layer_{layer:02d}_grad_norm"
+M_LAYER_GRAD_MEAN = "layer_{layer:02d}_grad_mean"
+TAG_EXTREME_LAYERS = "extreme_pruning_layers"        # "2,3" or "none"
+TAG_IMPORTANCE_SOURCE = "importance_config_source"   # the reused config (path or runs:/ URI)
+A_GRAD_DIAGNOSIS_FIG = "gradient_diagnosis.png"
+A_GRAD_VERDICT = "gradient_diagnosis_verdict.txt"
+A_LAYER_RATES = "layer_rates.csv"
+A_LAYER_RATES_FIG = "layer_rates.png"
+
+# ---- prune: training-free reconstruction (gqaprune/structured/reconstruct.py) -------------
+M_RECON_TIME = "reconstruction_time_s"               # layer-wise surgery + refit, all layers
+# relative error ||X W^T + b - Y||_F / ||Y||_F on the calibration tokens; proj: o_proj | down_proj,
+# when: before | after (the refit)
+M_LAYER_RECON_ERR = "layer_{layer:02d}_{proj}_recon_err_{when}"
+M_RECON_ERR_MEAN = "recon_err_{when}_mean"           # mean over layers and projections
+A_RECON_ERRORS = "reconstruction_errors_by_layer.csv"
+A_RECON_ERRORS_FIG = "reconstruction_errors_by_layer.png"
+
+
+def recon_metric(layer: int, proj: str, when: str) -> str:
+    return M_LAYER_RECON_ERR.format(layer=layer, proj=proj, when=when)
+
+
+# ---- finetune (LoRA recovery) --------------------------------------------------------------
+M_FT_TRAIN_LOSS = "train_loss"            # per step: mean target-token NLL of the optimizer step
+M_FT_LR = "lr"                            # per step: learning rate of the update
+M_FT_VAL_LOSS = "val_loss"                # per epoch (step 0 = before training): mean target NLL
+M_FT_VAL_PPL = "val_ppl"                  # exp(val_loss)
+M_FT_VAL_LOSS_BEFORE = "val_loss_before"  # scalar copies for tables
+M_FT_VAL_LOSS_AFTER = "val_loss_after"
+M_FT_TRAIN_EXAMPLES = "train_examples"
+M_FT_VAL_EXAMPLES = "val_examples"
+M_FT_DROPPED = "dropped_examples"         # records with no target token within seq_len
+M_FT_TARGET_TOKENS = "train_target_tokens"  # target tokens in one pass over the training set
+M_FT_TRAINABLE = "trainable_params"
+M_FT_STEPS = "train_steps"
+M_FT_TIME = "finetune_time_s"             # optimizer-step wall time, summed over resumes
+TAG_FT_FORM = "data_form"                 # instruction | qa | text
+TAG_FT_TEMPLATE = "template"
+TAG_FT_CONFIG_KEY = "finetune_config_key"  # names the checkpoint dir a resume continues from
+TAG_FT_RESUMED_FROM = "resumed_from_run_id"
+TAG_FT_RESUMED_STEP = "resumed_from_step"
+TAG_FT_EVAL_RUN = "eval_child_run_id"
+TAG_CHECKPOINT_FORMAT = "checkpoint_format"  # vanilla | remote_code
+A_FT_CURVES = "finetune_curves.png"
+A_FT_HISTORY = "finetune_history.csv"
+A_FT_TEMPLATE = "prompt_template.json"
+A_FT_EXAMPLE = "finetune_example.txt"
+
+# ---- eval (perplexity, zero-shot, model facts, speed) ----------------------------------------
+M_PPL = "ppl/{dataset}"                   # exp(mean NLL) under the logged protocol
+M_NLL = "nll/{dataset}"                   # mean NLL per scored token (nats)
+M_PPL_TOKENS = "ppl_tokens/{dataset}"     # scored tokens
+M_ZS_MEAN = "zeroshot/mean_acc"           # mean task score (measure per acc_convention)
+M_ZS_TASKS = "zeroshot/num_tasks"
+M_MODEL_PARAMS = "model/params"
+M_MODEL_BYTES = "model/param_bytes"       # parameters + buffers in memory at the eval dtype
+M_MODEL_DISK_MB = "model/size_on_disk_mb"
+M_SPEED_PREFILL = "speed/prefill_tokens_per_s"
+M_SPEED_DECODE = "speed/decode_tokens_per_s"
+M_SPEED_LATENCY = "speed/latency_ms_per_token"
+M_SPEED_PEAK_MEM = "speed/peak_memory_mb"
+M_EVAL_TIME = "eval_time_s"
+P_ACC_CONVENTION = "acc_convention"
+P_TASKS_RUN = "tasks_run"                 # comma-separated tasks actually evaluated
+P_TASK_MEASURES = "task_measures"         # task=measure,... : the measure each task's score uses
+P_PPL_RUN = "ppl_datasets_run"            # comma-separated dataset keys of the ppl/<key> metrics
+P_PPL_PROTOCOL = "ppl_protocol/{dataset}"  # one-line protocol description per dataset
+A_EVAL_RESULTS = "eval_results.json"
+A_ZS_TABLE = "zeroshot_results.csv"
+A_ZS_FIG = "zeroshot_accuracy.png"
+A_OFFLINE_TASKS = "offline_tasks"
+A_COMPARE_JSON = "comparison.json"
+A_COMPARE_MD = "comparison.md"
+A_COMPARE_FIG = "comparison.png"
+TAG_COMPARED_RUNS = "compared_eval_runs"   # analysis run -> comma-separated eval run ids
+
+
+def ppl_metric(dataset: str) -> str:
+    """``ppl/<dataset>``: the perplexity of one evaluation dataset (sanitised)."""
+    return metric_name("ppl", dataset)
+
+
+def task_metric(task: str, measure: str) -> str:
+    """``<task>/<measure>`` for a measure already without the lm-eval filter (``acc_norm``)."""
+    return lm_eval_metric(task, f"{measure},none")
+
+
 # ---- artifacts ---------------------------------------------------------------------------
 A_PLAN = "pruning_plan.json"
 A_LAYER_SUMMARY = "pruning_summary_by_layer.csv"

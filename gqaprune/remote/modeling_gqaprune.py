@@ -9,14 +9,18 @@ The config keeps the original (valid) head counts and adds per-layer lists:
 ``gqaprune_layer_num_heads``, ``gqaprune_layer_num_kv_heads``,
 ``gqaprune_layer_intermediate_sizes``. After the stock model is built, each layer's projections
 are replaced by Linear modules of the recorded sizes; then the weights load as usual.
+Optional per-layer bool lists ``gqaprune_layer_o_proj_bias`` / ``gqaprune_layer_down_proj_bias``
+(written when reconstruction added biases, which stock Llama/Qwen2/Mistral lack) say which
+o_proj / down_proj carry a bias; absent lists keep the stock choice.
 """
 from torch import nn
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
 
-def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
-    return nn.Linear(in_features, out_features, bias=old.bias is not None,
+def _linear(old: nn.Linear, in_features: int, out_features: int, bias=None) -> nn.Linear:
+    bias = old.bias is not None if bias is None else bool(bias)
+    return nn.Linear(in_features, out_features, bias=bias,
                      device=old.weight.device, dtype=old.weight.dtype)
 
 
@@ -25,8 +29,15 @@ def resize_decoder_layers(model, config) -> None:
     heads = getattr(config, "gqaprune_layer_num_heads", None)
     kv = getattr(config, "gqaprune_layer_num_kv_heads", None)
     inter = getattr(config, "gqaprune_layer_intermediate_sizes", None)
+    o_bias = getattr(config, "gqaprune_layer_o_proj_bias", None)
+    down_bias = getattr(config, "gqaprune_layer_down_proj_bias", None)
     if heads is None or kv is None or inter is None:
-        return
+        if o_bias is None and down_bias is None:
+            return
+        n = len(model.model.layers)
+        heads = [config.num_attention_heads] * n
+        kv = [config.num_key_value_heads] * n
+        inter = [config.intermediate_size] * n
     hidden = config.hidden_size
     hd = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
     for i, layer in enumerate(model.model.layers):
@@ -34,10 +45,10 @@ def resize_decoder_layers(model, config) -> None:
         attn.q_proj = _linear(attn.q_proj, hidden, heads[i] * hd)
         attn.k_proj = _linear(attn.k_proj, hidden, kv[i] * hd)
         attn.v_proj = _linear(attn.v_proj, hidden, kv[i] * hd)
-        attn.o_proj = _linear(attn.o_proj, heads[i] * hd, hidden)
+        attn.o_proj = _linear(attn.o_proj, heads[i] * hd, hidden, o_bias and o_bias[i])
         mlp.gate_proj = _linear(mlp.gate_proj, hidden, inter[i])
         mlp.up_proj = _linear(mlp.up_proj, hidden, inter[i])
-        mlp.down_proj = _linear(mlp.down_proj, inter[i], hidden)
+        mlp.down_proj = _linear(mlp.down_proj, inter[i], hidden, down_bias and down_bias[i])
 
 
 class GQAPrunedLlamaConfig(LlamaConfig):

@@ -1,0 +1,385 @@
+"""Original vs pruned (and fine-tuned) models in one table, from eval runs in the tracking store.
+
+    python -m analysis.compare --original /path/dense --pruned <prune run id> [--pruned ...]
+        [--labels dense,taylor20] [--output_dir reports/] [any eval flag, e.g. --tasks offline]
+
+Each ``--original`` / ``--pruned`` is either the run id of an eval run (read from the store as
+is; eval flags do not apply to it) or a model: a prune/finetune run id, a ``runs:/`` or
+``models:/`` URI, an alias or a directory, which is evaluated first (a nested eval run of the
+analysis run, with the eval flags given here). Without ``--original`` the input model of the
+first pruned run's prune run is used.
+
+Per pruned model the report lists every perplexity dataset, zero-shot task (the measure the
+eval run used: ``task_measures``), mean accuracy, parameters, size and speed with
+difference = pruned - original and relative % = 100 * difference / original; plus the PPL
+degradation (pruned / original) and the parameter reduction 1 - params_pruned / params_original.
+Numbers whose protocols differ between the two runs are flagged, never silently compared.
+The JSON and Markdown reports are logged to an analysis run (experiment gqaprune-analysis).
+"""
+from __future__ import annotations
+
+import re
+import sys
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from gqaprune.errors import UserError
+from prune_entry.common import Parser, optional_str
+from tracking import runs, schema, store
+
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+MODEL_MEM_MB = "model/param_mb"   # report key (not a metric): param_bytes / 2**20
+
+
+@dataclass
+class EvalSummary:
+    """What one eval run measured, read back from its params and metrics."""
+    run_id: str
+    label: str
+    model_uri: str
+    source_run_id: str | None
+    ppl: dict[str, float] = field(default_factory=dict)
+    ppl_protocol: dict[str, str] = field(default_factory=dict)
+    tasks: dict[str, tuple[str, float]] = field(default_factory=dict)   # task -> (measure, score)
+    mean_acc: float | None = None
+    zeroshot_protocol: dict[str, str] = field(default_factory=dict)      # convention, fewshot, limit
+    model: dict[str, float] = field(default_factory=dict)                # params, size_on_disk_mb
+    speed: dict[str, float] = field(default_factory=dict)
+    speed_protocol: str | None = None
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str          # perplexity | zero-shot | model | speed
+    name: str
+    original: float | None
+    pruned: float | None
+    difference: float | None
+    relative_pct: float | None
+    better: str           # lower | higher
+    note: str = ""
+
+
+# ------------------------------------------------------------------------------ reading
+
+def _csv(text: str | None) -> list[str]:
+    return [x for x in (text or "").split(",") if x]
+
+
+def summary_of_run(run, label: str | None = None) -> EvalSummary:
+    """An eval run (MLflow run entity) -> :class:`EvalSummary`."""
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    s = EvalSummary(run.info.run_id, label or default_label(run), p.get("model_uri", "?"),
+                    t.get(schema.TAG_SOURCE_RUN))
+    for key in _csv(p.get(schema.P_PPL_RUN)):
+        if schema.ppl_metric(key) in m:
+            s.ppl[key] = m[schema.ppl_metric(key)]
+            s.ppl_protocol[key] = p.get(schema.P_PPL_PROTOCOL.format(dataset=key), "?")
+    measures = dict(item.split("=", 1) for item in _csv(p.get(schema.P_TASK_MEASURES)) if "=" in item)
+    for task in _csv(p.get(schema.P_TASKS_RUN)):
+        measure = measures.get(task)
+        if measure and measure != "None" and schema.task_metric(task, measure) in m:
+            s.tasks[task] = (measure, m[schema.task_metric(task, measure)])
+    s.mean_acc = m.get(schema.M_ZS_MEAN)
+    s.zeroshot_protocol = {k: p.get(k, "?") for k in (schema.P_ACC_CONVENTION, "num_fewshot", "limit")}
+    s.model = {k: m[k] for k in (schema.M_MODEL_PARAMS, schema.M_MODEL_DISK_MB) if k in m}
+    if schema.M_MODEL_BYTES in m:
+        s.model[MODEL_MEM_MB] = m[schema.M_MODEL_BYTES] / 2**20
+    s.speed = {k: m[k] for k in (schema.M_SPEED_PREFILL, schema.M_SPEED_DECODE, schema.M_SPEED_LATENCY,
+                                 schema.M_SPEED_PEAK_MEM) if k in m}
+    s.speed_protocol = p.get("speed_protocol")
+    return s
+
+
+def default_label(run) -> str:
+    t, p = run.data.tags, run.data.params
+    uri = p.get("model_uri", run.info.run_id)
+    short = uri[:8] if _RUN_ID.match(uri) else Path(uri.rstrip("/")).name or uri
+    method = t.get(schema.TAG_METHOD)
+    return f"{method} {short}" if method and method not in short else short
+
+
+def _get_run(run_id: str):
+    try:
+        return store.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - mlflow raises several types
+        raise UserError(f"run '{run_id}' not found in the tracking store ({runs.tracking_uri()})",
+                        "pass a run id from this store (see `mlflow ui`) or set MLFLOW_TRACKING_URI") from exc
+
+
+def is_run_id(source: str) -> bool:
+    return bool(_RUN_ID.match(source)) and not Path(source).exists()
+
+
+def collect(source: str, eval_args: list[str], label: str | None, notes: list[str]) -> EvalSummary:
+    """An eval run id is read; anything else is evaluated first (nested eval run)."""
+    if is_run_id(source):
+        run = _get_run(source)
+        if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_EVAL:
+            if run.info.status != "FINISHED":
+                raise UserError(f"eval run '{source}' is {run.info.status}", "pass a finished eval run")
+            if eval_args:
+                notes.append(f"{source[:8]} is an existing eval run: eval flags were not applied to it")
+            return summary_of_run(run, label)
+    from prune_entry import evaluate  # lazy: heavy (torch, transformers, lm-eval)
+    child = evaluate.run_child(source, eval_args)
+    return summary_of_run(store.get_run(child), label)
+
+
+def origin_of(source: str) -> str:
+    """The unpruned model behind a prune/finetune/eval run: follow source runs to a prune run."""
+    run_id = source if is_run_id(source) else (re.match(r"^runs:/([0-9a-f]{32})", source) or [None, None])[1]
+    for _ in range(4):
+        if not run_id:
+            break
+        run = _get_run(run_id)
+        if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_PRUNE and "model" in run.data.params:
+            return run.data.params["model"]
+        run_id = run.data.tags.get(schema.TAG_SOURCE_RUN) or _run_in_uri(run.data.params.get("model_uri", ""))
+    raise UserError(f"cannot tell which model '{source}' was pruned from", "pass --original <model or eval run>")
+
+
+def _run_in_uri(uri: str) -> str | None:
+    if is_run_id(uri):
+        return uri
+    m = re.match(r"^runs:/([0-9a-f]{32})", uri)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------------------ comparing
+
+def _row(section, name, a, b, better, note="") -> Row:
+    diff = None if a is None or b is None else b - a
+    rel = None if diff is None or not a else 100.0 * diff / a
+    return Row(section, name, a, b, diff, rel, better, note)
+
+
+def compare(orig: EvalSummary, pruned: EvalSummary) -> dict:
+    """Rows + headline numbers for one pruned model against the original."""
+    rows, warnings = [], []
+    for key in list(dict.fromkeys([*orig.ppl, *pruned.ppl])):
+        note = ""
+        if key in orig.ppl and key in pruned.ppl and orig.ppl_protocol[key] != pruned.ppl_protocol[key]:
+            note = "protocols differ"
+            warnings.append(f"ppl {key}: protocols differ ({orig.ppl_protocol[key]} vs {pruned.ppl_protocol[key]})")
+        rows.append(_row("perplexity", f"ppl {key}", orig.ppl.get(key), pruned.ppl.get(key), "lower", note))
+    if orig.zeroshot_protocol != pruned.zeroshot_protocol and orig.tasks and pruned.tasks:
+        warnings.append(f"zero-shot protocols differ: {orig.zeroshot_protocol} vs {pruned.zeroshot_protocol}")
+    for task in list(dict.fromkeys([*orig.tasks, *pruned.tasks])):
+        (ma, a), (mb, b) = orig.tasks.get(task, (None, None)), pruned.tasks.get(task, (None, None))
+        note = "measures differ" if ma and mb and ma != mb else ""
+        rows.append(_row("zero-shot", f"{task} ({ma or mb})", a, b, "higher", note))
+    if orig.mean_acc is not None or pruned.mean_acc is not None:
+        same = set(orig.tasks) == set(pruned.tasks)
+        rows.append(_row("zero-shot", "mean accuracy", orig.mean_acc, pruned.mean_acc, "higher",
+                         "" if same else "different task sets"))
+    for key, name in ((schema.M_MODEL_PARAMS, "parameters"), (schema.M_MODEL_DISK_MB, "size on disk (MB)"),
+                      (MODEL_MEM_MB, "weights in memory (MB)")):
+        if key in orig.model or key in pruned.model:
+            rows.append(_row("model", name, orig.model.get(key), pruned.model.get(key), "lower"))
+    # On CPU the peak is the whole process's resident set (libraries, earlier models of the same
+    # process), not the model's: compared only when both were measured on CUDA.
+    cuda = all(" cuda" in (s.speed_protocol or "") for s in (orig, pruned))
+    for key, name, better in ((schema.M_SPEED_PREFILL, "prefill tokens/s", "higher"),
+                              (schema.M_SPEED_DECODE, "decode tokens/s", "higher"),
+                              (schema.M_SPEED_LATENCY, "latency ms/token", "lower"),
+                              (schema.M_SPEED_PEAK_MEM, "peak memory (MB)", "lower")):
+        if key == schema.M_SPEED_PEAK_MEM and not cuda:
+            continue
+        if key in orig.speed or key in pruned.speed:
+            rows.append(_row("speed", name, orig.speed.get(key), pruned.speed.get(key), better))
+    if orig.speed and pruned.speed and orig.speed_protocol != pruned.speed_protocol:
+        warnings.append("speed protocols differ")
+    degradation = {k: pruned.ppl[k] / orig.ppl[k] for k in orig.ppl if k in pruned.ppl}
+    po, pp = orig.model.get(schema.M_MODEL_PARAMS), pruned.model.get(schema.M_MODEL_PARAMS)
+    return {"original": orig.label, "pruned": pruned.label, "rows": [asdict(r) for r in rows],
+            "ppl_degradation": degradation,
+            "param_reduction": (1 - pp / po) if po and pp is not None else None,
+            "warnings": warnings}
+
+
+# ------------------------------------------------------------------------------ rendering
+
+def _digits(row: dict) -> str:
+    """One number format per row, from the size of its values (diffs align with values)."""
+    if row["name"] == "parameters":
+        return ",.0f"
+    big = max(abs(v) for v in (row["original"], row["pruned"], 0.0) if v is not None)
+    return ",.1f" if big >= 100 else ".4f"
+
+
+def _fmt(v: float | None, fmt: str, sign: bool = False) -> str:
+    return "-" if v is None else format(v, ("+" if sign else "") + fmt)
+
+
+def _fmt_rel(v: float | None) -> str:
+    return "-" if v is None else f"{v:+.2f}%"
+
+
+def _table_rows(cmp: dict) -> list[list[str]]:
+    out = []
+    for r in cmp["rows"]:
+        f = _digits(r)
+        out.append([r["name"] + (f" [{r['note']}]" if r["note"] else ""), _fmt(r["original"], f),
+                    _fmt(r["pruned"], f), _fmt(r["difference"], f, sign=True), _fmt_rel(r["relative_pct"])])
+    return out
+
+
+def _headline(cmp: dict) -> list[str]:
+    out = [f"PPL degradation {k}: x{v:.3f} ({100 * (v - 1):+.1f}%)" for k, v in cmp["ppl_degradation"].items()]
+    if cmp["param_reduction"] is not None:
+        out.append(f"parameter reduction: {100 * cmp['param_reduction']:.2f}%")
+    return out + [f"warning: {w}" for w in cmp["warnings"]]
+
+
+def terminal_table(cmp: dict) -> str:
+    head = ["metric", cmp["original"], cmp["pruned"], "difference", "relative %"]
+    body = _table_rows(cmp)
+    widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(5)]
+    line = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                               for i, (c, w) in enumerate(zip(r, widths)))
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), sep, *map(line, body), sep, *_headline(cmp)])
+
+
+def markdown(report: dict) -> str:
+    lines = ["# Original vs pruned", ""]
+    o = report["original"]
+    lines += [f"Original: **{o['label']}** (eval run `{o['run_id']}`, model `{o['model_uri']}`)", ""]
+    for key, proto in o["ppl_protocol"].items():
+        lines.append(f"- perplexity {key}: {proto}")
+    zp = o["zeroshot_protocol"]
+    if o["tasks"]:
+        lines.append(f"- zero-shot: {zp.get('num_fewshot')}-shot, limit {zp.get('limit')}, "
+                     f"score convention `{zp.get(schema.P_ACC_CONVENTION)}` (measure per task in the table)")
+    if o.get("speed_protocol"):
+        lines.append(f"- speed: {o['speed_protocol']}")
+    for cmp, p in zip(report["comparisons"], report["pruned"]):
+        lines += ["", f"## {cmp['pruned']}", "", f"Eval run `{p['run_id']}`, model `{p['model_uri']}`", "",
+                  f"| metric | {cmp['original']} | {cmp['pruned']} | difference | relative % |",
+                  "|---|---:|---:|---:|---:|"]
+        lines += [f"| {' | '.join(r)} |" for r in _table_rows(cmp)]
+        lines += [""] + [f"- {h}" for h in _headline(cmp)]
+    for n in report.get("notes", []):
+        lines.append(f"- note: {n}")
+    return "\n".join(lines) + "\n"
+
+
+def figure(report: dict):
+    """Perplexity (left) and zero-shot scores (right), one bar per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    models = [report["original"], *report["pruned"]]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, field_name, title, getter in (
+            (axes[0], "ppl", "perplexity (lower is better)", lambda m, k: m["ppl"].get(k)),
+            (axes[1], "tasks", "zero-shot score (higher is better)",
+             lambda m, k: (m["tasks"].get(k) or (None, None))[1])):
+        keys = list(dict.fromkeys(k for m in models for k in m[field_name]))
+        width = 0.8 / max(1, len(models))
+        for i, m in enumerate(models):
+            vals = [getter(m, k) for k in keys]
+            ax.bar(np.arange(len(keys)) + i * width, [v if v is not None else 0 for v in vals], width,
+                   label=m["label"])
+        ax.set_xticks(np.arange(len(keys)) + width * (len(models) - 1) / 2, keys, rotation=20, ha="right",
+                      fontsize=8)
+        ax.set_title(title, fontsize=9)
+        if keys:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def build_report(original: EvalSummary, pruned: list[EvalSummary], notes: list[str]) -> dict:
+    return {"original": asdict(original), "pruned": [asdict(p) for p in pruned],
+            "comparisons": [compare(original, p) for p in pruned], "notes": notes}
+
+
+# ------------------------------------------------------------------------------ entry point
+
+def build_parser() -> Parser:
+    p = Parser(prog="compare", description=__doc__.splitlines()[0])
+    p.add_argument("--original", type=optional_str, default=None,
+                   help="eval run id, or a model (alias, dir, URI, prune/finetune run id); "
+                        "default: the model the first --pruned was pruned from")
+    p.add_argument("--pruned", action="append", required=True,
+                   help="eval run id or model; repeat for several")
+    p.add_argument("--labels", type=optional_str, default=None,
+                   help="comma-separated labels: original first, then each pruned")
+    p.add_argument("--output_dir", type=optional_str, default=None, help="also write the reports here")
+    return p
+
+
+def parse(argv: list[str] | None):
+    """(compare options, eval flags passed through to evaluations)."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        from prune_entry import evaluate
+        evaluate.parse(["--model_uri", "x", *extra])  # unknown/invalid eval flags fail now
+    labels = _csv(args.labels)
+    if labels and len(labels) != 1 + len(args.pruned):
+        raise UserError(f"{len(labels)} labels for {1 + len(args.pruned)} models",
+                        "give one label for the original and one per --pruned")
+    return args, extra, labels
+
+
+def run(args, eval_args: list[str], labels: list[str]) -> dict:
+    notes: list[str] = []
+    original_src = args.original or origin_of(args.pruned[0])
+    runs.log_params({"original": original_src, "pruned": ",".join(args.pruned),
+                     "eval_args": " ".join(eval_args) or "none"})
+    label = lambda i: labels[i] if labels else None  # noqa: E731
+    original = collect(original_src, eval_args, label(0), notes)
+    pruned = [collect(src, eval_args, label(i + 1), notes) for i, src in enumerate(args.pruned)]
+    report = build_report(original, pruned, notes)
+    for cmp in report["comparisons"]:
+        print(terminal_table(cmp) + "\n")
+    md = markdown(report)
+    runs.set_tags({schema.TAG_COMPARED_RUNS: ",".join(s.run_id for s in [original, *pruned])})
+    runs.log_json(report, schema.A_COMPARE_JSON)
+    runs.log_text(md, schema.A_COMPARE_MD)
+    runs.log_figure(figure(report), schema.A_COMPARE_FIG)
+    metrics = {}
+    for i, cmp in enumerate(report["comparisons"]):
+        for key, val in cmp["ppl_degradation"].items():
+            metrics[schema.metric_name(f"pruned_{i}", "ppl_ratio", key)] = val
+        if cmp["param_reduction"] is not None:
+            metrics[schema.metric_name(f"pruned_{i}", "param_reduction")] = cmp["param_reduction"]
+    runs.log_metrics(metrics)
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / schema.A_COMPARE_JSON).write_text(runs.dump_json(report))
+        (out / schema.A_COMPARE_MD).write_text(md)
+        print(f"reports: {out / schema.A_COMPARE_JSON}, {out / schema.A_COMPARE_MD}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Like ``runs.entry_point`` but in the analysis experiment: bad input -> exit 2, run FAILED."""
+    try:
+        with runs.tracked_run(schema.STAGE_ANALYSIS, run_name="compare",
+                              experiment=schema.ANALYSIS_EXPERIMENT) as active:
+            args, extra, labels = parse(argv)
+            run(args, extra, labels)
+            print(runs.where_to_look(active.info.experiment_id, active.info.run_id, "compare"))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
