@@ -19,13 +19,11 @@ The JSON and Markdown reports are logged to an analysis run (experiment gqaprune
 from __future__ import annotations
 
 import re
-import sys
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from gqaprune.errors import UserError
-from prune_entry.common import Parser, optional_str
+from prune_entry.common import Parser, optional_str, raw_flags
 from tracking import runs, schema, store
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -360,25 +358,10 @@ def run(args, eval_args: list[str], labels: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Like ``runs.entry_point`` but in the analysis experiment: bad input -> exit 2, run FAILED."""
-    try:
-        with runs.tracked_run(schema.STAGE_ANALYSIS, run_name="compare",
-                              experiment=schema.ANALYSIS_EXPERIMENT) as active:
-            args, extra, labels = parse(argv)
-            run(args, extra, labels)
-            print(runs.where_to_look(active.info.experiment_id, active.info.run_id, "compare"))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception:  # noqa: BLE001
-        traceback.print_exc()
-        return 1
-    return 0
+    """An analysis run in the analysis experiment: bad input -> one line, exit 2, run FAILED."""
+    return runs.entry_point(schema.STAGE_ANALYSIS, lambda: parse(argv), lambda parsed: run(*parsed),
+                            run_name=lambda _: "compare", raw_params=raw_flags(argv),
+                            experiment=schema.ANALYSIS_EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def build_parser() -> Parser:
                    help="replay this pruning_plan.json (path or runs:/ URI) instead of scoring")
     p.add_argument("--models_file", type=optional_str, default=d.models_file)
     p.add_argument("--output_dir", type=optional_str, default=d.output_dir)
-    p.add_argument("--save_model", type=lambda s: s.lower() in ("1", "true", "yes"), default=True)
+    p.add_argument("--save_model", type=boolean, default=d.save_model)
     add_nonuniform_arguments(p, d)
     add_reconstruct_arguments(p, d)
     return p

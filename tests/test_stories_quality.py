@@ -47,3 +47,15 @@ def test_taylor_beats_magnitude_and_random_at_20_percent(setup):
     assert taylor < ppl_after("random", setup)
     # LLM-Pruner's own code gives about 16 at 20% on this model (interpolated).
     assert taylor < 20
+
+
+def test_reconstruction_recovers_most_of_the_damage(setup):
+    """Issue 6 target: taylor at 20% with least-squares reconstruction stays below PPL 10."""
+    from gqaprune.structured.reconstruct import ReconstructSettings, prune_and_reconstruct
+    tok, stream, calib = setup
+    model = checkpoint.load_model(STORIES).eval()
+    plan = run_method(model, calib, PruneSettings(method="taylor", pruning_ratio=0.2)).plan
+    prune_and_reconstruct(model, plan, calib, ReconstructSettings(mode="lstsq", show_progress=False))
+    ppl = perplexity(model, stream, PplProtocol("tinystories", seq_len=256, bos=True),
+                     tok.bos_token_id, show_progress=False).ppl
+    assert ppl < 10

@@ -99,7 +99,8 @@ def tracked_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, s
 def entry_point(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any], *,
                 run_name: Callable[[Any], str] | None = None,
                 tags: Callable[[Any], Mapping[str, str]] | None = None,
-                raw_params: Mapping[str, Any] | None = None) -> int:
+                raw_params: Mapping[str, Any] | None = None,
+                experiment: str | None = None) -> int:
     """Run ``body(parse())`` inside a tracked run; bad input -> one line on stderr, exit 2.
 
     ``parse`` runs inside the run so that flag errors are recorded too. Unexpected errors keep
@@ -111,7 +112,7 @@ def entry_point(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any]
         except SystemExit as exc:
             return int(exc.code or 0)
     try:
-        with tracked_run(stage) as run:
+        with tracked_run(stage, experiment=experiment) as run:
             try:
                 config = parse()
             except UserError:
