@@ -185,7 +185,8 @@ def token_stream(tokenizer, texts: list[str], max_tokens: int | None = None) -> 
     """Concatenate texts (blank-line joined) and tokenize once -> 1-D LongTensor [T]."""
     ids: list[int] = []
     for t in texts:
-        ids.extend(tokenizer(t + "\n\n", add_special_tokens=False)["input_ids"])
+        # verbose=False: a corpus stream is longer than the model's context on purpose.
+        ids.extend(tokenizer(t + "\n\n", add_special_tokens=False, verbose=False)["input_ids"])
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
@@ -237,5 +238,5 @@ def eval_stream(tokenizer, name: str, split: str = "validation",
     texts = load_texts(name, split)
     if is_local(name):
         texts = split_local(texts, "train" if split == "train" else "validation")
-    ids = tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer("\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
