@@ -13,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 
 from gqaprune import data
@@ -414,28 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                             tags=_tags, raw_params=raw_flags(argv))
 
 
-def evaluate_in_run(model_uri: str, args: list[str] | str = (), nested: bool = True) -> str:
-    """Evaluate ``model_uri`` in a new eval run and return its id.
+def evaluate_in_run(model_uri: str, args: list[str] | str = ()) -> str:
+    """Evaluate ``model_uri`` in a nested child run of the active run and return its id.
 
-    ``nested``: the run is a child of the active run, in the same experiment. Bad input raises
-    :class:`UserError` after marking the eval run FAILED.
+    Bad input raises :class:`UserError` after marking the eval run FAILED.
     """
     argv = ["--model_uri", model_uri, *(shlex.split(args) if isinstance(args, str) else args)]
-    parent = mlflow.active_run()
-    experiment = None
-    if nested:
-        if parent is None:
-            raise RuntimeError("evaluate_in_run(nested=True) needs an active MLflow run")
-        experiment = mlflow.get_experiment(parent.info.experiment_id).name
-    with runs.tracked_run(schema.STAGE_EVAL, nested=nested, experiment=experiment) as active:
-        try:
-            cfg = parse(argv)
-        except UserError:
-            runs.log_params(raw_flags(argv))
-            raise
-        mlflow.set_tags({schema.TAG_RUN_NAME: _run_name(cfg), **_tags(cfg)})
-        run(cfg)
-    return active.info.run_id
+    return runs.child_run(schema.STAGE_EVAL, lambda: parse(argv), run, run_name=_run_name,
+                          tags=_tags, raw_params=raw_flags(argv))
 
 
 def run_child(model_uri: str, args: list[str]) -> str:
@@ -443,7 +428,7 @@ def run_child(model_uri: str, args: list[str]) -> str:
 
     ``args`` are eval flags (e.g. ``["--tasks", "none", "--ppl_datasets", "demo"]``).
     """
-    return evaluate_in_run(model_uri, args, nested=True)
+    return evaluate_in_run(model_uri, args)
 
 
 if __name__ == "__main__":

@@ -443,9 +443,20 @@ def log_reconstruction(spec: ModelSpec, plan: PruningPlan, result) -> dict:
     return metrics
 
 
+def run_child(args: list[str]) -> str:
+    """Prune as a nested child of the active MLflow run (e.g. one point of a search); return its
+    run id. Bad input marks the child FAILED and raises :class:`UserError`."""
+    return runs.child_run(schema.STAGE_PRUNE, lambda: parse(args), run, run_name=_run_name,
+                          tags=tags_of, raw_params=raw_flags(args))
+
+
+def _run_name(cfg: PruneConfig) -> str:
+    return f"prune-{Path(cfg.model).name}-{cfg.method}-{cfg.pruning_ratio:g}"
+
+
 def main(argv: list[str] | None = None) -> int:
     return runs.entry_point(schema.STAGE_PRUNE, lambda: parse(argv), run,
-                            run_name=lambda c: f"prune-{Path(c.model).name}-{c.method}-{c.pruning_ratio:g}",
+                            run_name=_run_name,
                             tags=tags_of, raw_params=raw_flags(argv))
 
 

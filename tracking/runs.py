@@ -149,6 +149,34 @@ def where_to_look(experiment_id: str, run_id: str, stage: str) -> str:
             f"  (all runs: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs)")
 
 
+def child_run(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any], *,
+              run_name: Callable[[Any], str] | None = None,
+              tags: Callable[[Any], Mapping[str, str]] | None = None,
+              raw_params: Mapping[str, Any] | None = None) -> str:
+    """Run ``body(parse())`` as a nested child of the active run (same experiment); return its id.
+
+    For pipelines (finetune's eval_after, search's grid points). Bad input marks the child
+    FAILED and raises the UserError to the caller, which decides whether to go on.
+    """
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("child_run needs an active MLflow run")
+    experiment = mlflow.get_experiment(parent.info.experiment_id).name
+    with tracked_run(stage, nested=True, experiment=experiment) as active:
+        try:
+            config = parse()
+        except UserError:
+            if raw_params:
+                log_params(raw_params)
+            raise
+        if run_name is not None:
+            mlflow.set_tag(schema.TAG_RUN_NAME, run_name(config))
+        if tags is not None:
+            mlflow.set_tags(dict(tags(config)))
+        body(config)
+    return active.info.run_id
+
+
 # ---- logging helpers: plain values in, MLflow out -----------------------------------------
 
 def log_params(params: Mapping[str, Any]) -> None:
