@@ -72,9 +72,9 @@ def _split(split: str, valid: str = "validation") -> str:
 
 @register_source("wikitext2")
 def wikitext2(split: str) -> list[str]:
-    ds = _load_hub("wikitext2", "wikitext", "wikitext-2-raw-v1", split=_split(split))
-    # Joined as one stream, as in the perplexity literature (the "\n\n".join protocol).
-    return ["".join(ds["text"])]
+    ds = _load_hub("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", split=_split(split))
+    # One stream joined with blank lines, as in the perplexity literature (SparseGPT/Wanda).
+    return ["\n\n".join(ds["text"])]
 
 
 @register_source("ptb")
