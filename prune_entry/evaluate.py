@@ -115,7 +115,7 @@ def parse(argv: list[str] | None) -> EvalConfig:
 
 def validate(cfg: EvalConfig) -> None:
     """Checks that need no model and no data."""
-    for name in ("ppl_seq_len", "batch_size", "task_items", "speed_prompt_len", "speed_batch_size",
+    for name in ("batch_size", "task_items", "speed_prompt_len", "speed_batch_size",
                  "speed_repeats"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}", f"pass a positive {name}")
@@ -232,7 +232,8 @@ def _source_tags(resolved: store.Resolved, spec) -> dict:
         try:  # describe the model by its origin run (alias/method of the pruned model)
             src = store.get_run(resolved.source_run_id).data.tags
             tags.update({k: src[k] for k in (schema.TAG_MODEL_ALIAS, schema.TAG_MODEL_FAMILY,
-                                               schema.TAG_MODEL_VARIANT, schema.TAG_METHOD) if k in src})
+                                               schema.TAG_MODEL_VARIANT, schema.TAG_MODEL_PATH,
+                                               schema.TAG_METHOD) if k in src})
         except Exception:  # noqa: BLE001 - a missing source run is not fatal for the eval
             pass
     return tags
@@ -337,8 +338,10 @@ def run(cfg: EvalConfig) -> dict:
     runs.log_params(asdict(cfg))
     resolved = store.resolve_model_source(cfg.model_uri)
     spec = resolve_model(resolved.local_path or resolved.name, cfg.models_file)
-    runs.set_tags(_source_tags(resolved, spec))
-    is_demo = spec.alias == DEMO_ALIAS
+    source_tags = _source_tags(resolved, spec)
+    runs.set_tags(source_tags)
+    # A pruned / fine-tuned demo model keeps the demo's defaults (its own corpus and tasks).
+    is_demo = source_tags.get(schema.TAG_MODEL_ALIAS) == DEMO_ALIAS
     sources = ppl_sources(cfg, is_demo)
     names, to_build = task_plan(cfg, is_demo)
     manager, task_infos, preferred = prepare_tasks(cfg, names, to_build)

@@ -129,6 +129,38 @@ A_COMPARE_MD = "comparison.md"
 A_COMPARE_FIG = "comparison.png"
 TAG_COMPARED_RUNS = "compared_eval_runs"   # analysis run -> comma-separated eval run ids
 
+# ---- search (sweeps of prune settings: prune_entry/search.py) -------------------------------
+TAG_SEARCH_RUN = "search_run_id"           # on each child: the search run that launched it
+TAG_SEARCH_POINT = "search_point"          # on prune + eval children: hash of the point's resolved
+                                           # PruneConfig (+ model path); resume looks runs up by it
+TAG_SEARCH_EVAL_KEY = "search_eval_key"    # on eval children: hash of the resolved eval flags
+M_SEARCH_POINTS = "search/points"          # points in the sweep
+M_SEARCH_FINISHED = "search/points_finished"  # finished now or earlier (reused)
+M_SEARCH_REUSED = "search/points_reused"   # prune (and eval) taken over from earlier runs
+M_SEARCH_FAILED = "search/points_failed"
+M_SEARCH_TIME = "search_time_s"
+P_SWEEP = "sweep/{name}"                   # resolved sweep settings (config file + command line)
+A_SEARCH_PLAN = "search_plan.json"         # every point: parameters, key, prune / eval flags
+A_SEARCH_SUMMARY = "search_summary.csv"    # one row per point, full run ids
+A_SEARCH_SUMMARY_MD = "search_summary.md"  # the same as Markdown, with the measurement protocol
+A_SEARCH_FIG = "search_ppl_vs_ratio.png"   # perplexity vs achieved ratio per method, per model
+
+# ---- analysis: params read back from runs (dataclass field names of the entry points) -------
+P_PRUNING_RATIO = "pruning_ratio"          # prune
+P_RECONSTRUCT = "reconstruct"              # prune: none | lstsq | bias
+P_NUM_FEWSHOT = "num_fewshot"              # eval
+P_PPL_SEQ_LEN = "ppl_seq_len"              # eval
+P_LIMIT = "limit"                          # eval: docs per task (smoke tests)
+P_SPEED_PROTOCOL = "speed_protocol"        # eval
+# stage labels of an evaluated model, from the eval run's source_run_id chain
+LABEL_DENSE = "dense"                      # eval of a model no run produced
+LABEL_PRUNED = "pruned"                    # eval -> prune run
+LABEL_PRUNED_LORA = "pruned+LoRA"          # eval -> finetune run -> prune run
+LABEL_DENSE_LORA = "dense+LoRA"            # eval -> finetune run of an unpruned model
+A_RESULTS_TABLE = "results_table.csv"      # analysis.cross_model: the joined table
+A_CROSS_MODEL = "cross_model_{metric}"     # + .md / .tex / .csv / _relative.csv / .png
+A_BASE_INSTRUCT_FIG = "base_vs_instruct_{metric}.png"
+
 
 def ppl_metric(dataset: str) -> str:
     """``ppl/<dataset>``: the perplexity of one evaluation dataset (sanitised)."""

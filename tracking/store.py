@@ -99,3 +99,69 @@ def search_runs(experiment_names: list[str] | None = None, filter_string: str = 
     status = "" if include_failed else "attributes.status = 'FINISHED'"
     filt = " and ".join(f for f in (filter_string, status) if f)
     return mlflow.search_runs(experiment_ids=[e.experiment_id for e in exps], filter_string=filt)
+
+
+def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = "FINISHED") -> list:
+    """Runs (MLflow entities, newest first) of one experiment carrying every ``tags`` value.
+
+    For resumable pipelines: a search finds the points it finished before by their tags.
+    ``status=None`` returns runs in any state.
+    """
+    parts = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        parts.append(f"attributes.status = '{status}'")
+    return _client().search_runs([experiment_id], filter_string=" and ".join(parts),
+                                 order_by=["attributes.start_time DESC"])
+
+
+# ---- whole-store queries for analysis/ (tables and figures) --------------------------------
+
+def experiment_names() -> dict[str, str]:
+    """Experiment id -> name of every active experiment in the store."""
+    return {e.experiment_id: e.name for e in _client().search_experiments()}
+
+
+def _with_experiment(frame, names: dict[str, str]):
+    if not frame.empty:
+        frame = frame.assign(experiment=frame["experiment_id"].map(names))
+    return frame
+
+
+def runs_of_experiments(experiments: list[str] | None = None, include_failed: bool = False):
+    """All runs of the named experiments (default: every experiment) as MLflow's DataFrame.
+
+    Columns as ``mlflow.search_runs`` (run_id, status, start_time, ``params.*``, ``metrics.*``,
+    ``tags.*``) plus ``experiment`` (the name). An unknown experiment name is a UserError naming
+    the ones that exist, never an empty table.
+    """
+    names = experiment_names()
+    ids = list(names)
+    if experiments:
+        by_name = {v: k for k, v in names.items()}
+        unknown = [e for e in experiments if e not in by_name]
+        if unknown:
+            raise UserError(f"unknown experiment(s) {', '.join(unknown)} in {mlflow.get_tracking_uri()}",
+                            f"use one of: {', '.join(sorted(by_name)) or '(the store has none)'}")
+        ids = [by_name[e] for e in experiments]
+    if not ids:
+        import pandas as pd
+        return pd.DataFrame()
+    status = "" if include_failed else "attributes.status = 'FINISHED'"
+    return _with_experiment(mlflow.search_runs(experiment_ids=ids, filter_string=status), names)
+
+
+def runs_by_id(run_ids):
+    """The given runs (any experiment, any status) in the same DataFrame form; unknown ids are absent."""
+    run_ids = sorted({r for r in run_ids if isinstance(r, str) and _RUN_ID.match(r)})
+    names = experiment_names()
+    if not run_ids or not names:
+        import pandas as pd
+        return pd.DataFrame()
+    frames = []
+    for i in range(0, len(run_ids), 100):  # keep each filter string short
+        quoted = ",".join(f"'{r}'" for r in run_ids[i:i + 100])
+        frames.append(mlflow.search_runs(experiment_ids=list(names),
+                                         filter_string=f"attributes.run_id IN ({quoted})"))
+    import pandas as pd
+    frames = [f for f in frames if not f.empty]
+    return _with_experiment(pd.concat(frames, ignore_index=True), names) if frames else pd.DataFrame()

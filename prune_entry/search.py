@@ -1,0 +1,722 @@
+"""`search` entry point: sweeps of pruning settings, each point a nested prune (+ eval) run.
+
+    python -m prune_entry.search --models demo --methods taylor,magnitude --ratios 0.2,0.35
+    python -m prune_entry.search --config configs/sweeps/demo.yaml [--resume true] [--dry_run true]
+    mlflow run . -e search -P config=configs/sweeps/demo.yaml --env-manager local
+
+The points are the product models x methods x ratios x grid values. Every point is validated
+(its flags parsed as the prune entry point would) before anything runs, so a typo fails in a
+second, not after the first hour of a GPU sweep. Each point is a child prune run of the search
+run (``prune.run_child``), followed when ``eval`` is on by a child eval run of its pruned model
+(``evaluate.run_child``). Children carry ``search_run_id`` and ``search_point`` (a hash of the
+point's resolved prune settings); a re-run of the same sweep in the same experiment reuses the
+points that already FINISHED, so a killed sweep continues where it stopped.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import shlex
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+
+from gqaprune import data
+from gqaprune.errors import UserError
+from gqaprune.models import DEMO_ALIAS, resolve_model
+from gqaprune.structured import methods
+from prune_entry import evaluate, prune
+from prune_entry.common import Parser, boolean, optional_str, raw_flags
+from tracking import runs, schema, store
+
+AXES = {"model": "models", "method": "methods", "pruning_ratio": "ratios"}  # PruneConfig field -> sweep key
+PRUNE_FIELDS = tuple(f.name for f in fields(prune.PruneConfig))
+# Flags a sweep sets itself (or that would make points overwrite each other).
+PRUNE_RESERVED = {"output_dir": "every point keeps its model in its run's pruned_model artifact"}
+EVAL_RESERVED = {"model_uri": "the sweep evaluates each point's pruned model",
+                 "parent_run_id": "eval runs are nested under the search run already",
+                 "output_dir": "every eval run logs eval_results.json as an artifact"}
+CONFIG_KEYS = ("models", "methods", "ratios", "grid", "prune_args", "eval", "eval_args", "resume",
+               "stop_on_error")
+DEFAULTS = {"models": ["demo"], "methods": ["taylor"], "ratios": [0.2], "grid": {}, "prune_args": {},
+            "eval": False, "eval_args": {}, "resume": True, "stop_on_error": False}
+# Summary columns read from the children (schema names; ppl/<dataset> columns are added per dataset).
+PRUNE_COLUMNS = (schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER)
+RATIO = "pruning_ratio"     # the target ratio column: the prune parameter's name
+STATUS_COLUMNS = ("status", "resumed", "prune_run_id", "eval_run_id", "search_point", "error")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    models: tuple[str, ...]
+    methods: tuple[str, ...]
+    ratios: tuple[float, ...]
+    grid: dict                  # prune parameter -> tuple of values (strings, as flags)
+    prune_args: dict            # prune parameter -> value (string) shared by every point
+    eval: bool
+    eval_args: dict             # eval parameter -> value (string)
+    resume: bool
+    stop_on_error: bool
+    dry_run: bool
+    config: str | None
+
+
+@dataclass
+class Point:
+    """One grid point: the flags of its prune (and eval) child and the keys resume looks up."""
+    index: int
+    model: str
+    method: str
+    ratio: float
+    grid: dict                  # this point's values of the grid parameters
+    prune_argv: list
+    key: str                    # tag search_point: hash of the resolved PruneConfig + model path
+    eval_argv: list | None = None
+    eval_key: str | None = None  # tag search_eval_key: hash of the resolved eval flags
+    calibration: str = ""        # the calibration source the prune run will read
+
+    def label(self) -> str:
+        extra = "".join(f" {k}={v}" for k, v in self.grid.items())
+        return f"{_short_model(self.model)} {self.method} {self.ratio:g}{extra}"
+
+
+@dataclass
+class Outcome:
+    """What happened to a point: run ids, status and (for failures) the one-line reason."""
+    point: Point
+    status: str = "not run"     # finished | reused | failed | not run
+    prune_run_id: str | None = None
+    eval_run_id: str | None = None
+    resumed: list = field(default_factory=list)  # stages taken over from earlier runs
+    error: str = ""
+    time_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("finished", "reused")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    config: SearchConfig
+    points: list
+
+
+# ------------------------------------------------------------------------------ flags and config
+
+def build_parser() -> Parser:
+    p = Parser(prog="search", description=__doc__.splitlines()[0])
+    p.add_argument("--config", type=optional_str, default=None,
+                   help="sweep YAML (models, methods, ratios, grid, prune_args, eval, eval_args, "
+                        "resume, stop_on_error); command-line values override it")
+    p.add_argument("--models", type=optional_str, default=None, help="comma list of aliases / HF ids / dirs")
+    p.add_argument("--methods", type=optional_str, default=None,
+                   help=f"comma list of {', '.join(sorted(methods.METHODS))}")
+    p.add_argument("--ratios", type=optional_str, default=None, help="comma list of pruning ratios in (0, 1)")
+    p.add_argument("--grid", type=optional_str, default=None,
+                   help='other prune parameters to sweep, JSON/YAML: \'{"reconstruct": ["none", "lstsq"]}\'')
+    p.add_argument("--prune_args", type=optional_str, default=None,
+                   help='prune flags shared by every point: "--reconstruct_samples 32 --seed 1"')
+    p.add_argument("--eval", type=_optional_bool, default=None, help="evaluate every pruned model")
+    p.add_argument("--eval_args", type=optional_str, default=None,
+                   help='eval flags: "--ppl_datasets wikitext2,ptb --tasks standard"')
+    p.add_argument("--resume", type=_optional_bool, default=None,
+                   help="reuse points that already FINISHED in this experiment (default true)")
+    p.add_argument("--stop_on_error", type=_optional_bool, default=None,
+                   help="stop (and fail the search) at the first failing point (default false)")
+    p.add_argument("--dry_run", type=boolean, default=False, help="list the points, run nothing")
+    return p
+
+
+def _optional_bool(text: str) -> bool | None:
+    return None if str(text).strip().lower() in ("", "none", "null") else boolean(text)
+
+
+def load_config(path: str) -> dict:
+    """A sweep YAML -> dict restricted to CONFIG_KEYS."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"sweep config '{path}' not found",
+                        "pass an existing YAML file, e.g. configs/sweeps/demo.yaml")
+    import yaml
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"sweep config '{path}' is not valid YAML ({str(exc).splitlines()[0]})",
+                        "fix the file (see configs/sweeps/demo.yaml)") from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"sweep config '{path}' must be a mapping", f"use the keys {', '.join(CONFIG_KEYS)}")
+    unknown = sorted(set(raw) - set(CONFIG_KEYS) - {"description"})
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)} in sweep config '{path}'",
+                        f"use {', '.join(CONFIG_KEYS)}")
+    return raw
+
+
+def _flag_value(value, what: str) -> str:
+    """A YAML scalar -> the string a flag takes (true/false, none, numbers as written)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{what}: expected a single value, got {value!r}",
+                        "sweep several values through the grid instead")
+    return str(value)
+
+
+def _as_list(value, what: str) -> list:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    out = [v.strip() if isinstance(v, str) else v for v in items]
+    out = [v for v in out if v != "" and v is not None]
+    if not out:
+        raise UserError(f"{what} is empty", f"give at least one of {what}")
+    return out
+
+
+def _ratios(value) -> tuple[float, ...]:
+    out = []
+    for v in _as_list(value, "ratios"):
+        try:
+            r = float(v)
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"ratio '{v}' is not a number", "pass ratios like 0.2,0.35") from exc
+        if not 0.0 < r < 1.0:
+            raise UserError(f"pruning ratio {r:g} is outside (0, 1)", "pass ratios like 0.2,0.35")
+        out.append(r)
+    return tuple(dict.fromkeys(out))
+
+
+def _flags(value, what: str) -> dict:
+    """``"--a 1 --b=2"`` or a mapping -> {name: value string}; every flag needs a value."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return {str(k).lstrip("-"): _flag_value(v, f"{what} {k}") for k, v in value.items()}
+    tokens, out, i = shlex.split(str(value)), {}, 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or len(tok) == 2:
+            raise UserError(f"{what}: expected --name value, got '{tok}'", f'write {what} as "--name value ..."')
+        name, eq, val = tok[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise UserError(f"{what}: flag --{name} has no value",
+                                "give every flag a value (true/false for switches)")
+            val, i = tokens[i + 1], i + 1
+        out[name] = val
+        i += 1
+    return out
+
+
+def _grid(value) -> dict:
+    """JSON/YAML mapping (or its text) -> {prune parameter: tuple of flag values}."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        import yaml
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserError(f"grid is not valid JSON/YAML ({str(exc).splitlines()[0]})",
+                            'write it as \'{"reconstruct": ["none", "lstsq"]}\'') from exc
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserError(f"grid must map prune parameters to lists of values, got {value!r}",
+                        'write it as \'{"reconstruct": ["none", "lstsq"]}\'')
+    out = {}
+    for name, values in value.items():
+        values = values if isinstance(values, (list, tuple)) else [values]
+        if not values:
+            raise UserError(f"grid parameter '{name}' has no values", "give it a list of at least one value")
+        out[str(name)] = tuple(dict.fromkeys(_flag_value(v, f"grid {name}") for v in values))
+    return out
+
+
+def _check_prune_names(names, what: str) -> None:
+    for name in names:
+        if name in AXES:
+            raise UserError(f"'{name}' in {what}: it is an axis of the sweep",
+                            f"pass it as {AXES[name]} (--{AXES[name]} or the config key)")
+        if name in PRUNE_RESERVED:
+            raise UserError(f"'{name}' cannot be set in {what}", PRUNE_RESERVED[name])
+        if name not in PRUNE_FIELDS:
+            allowed = [f for f in PRUNE_FIELDS if f not in AXES and f not in PRUNE_RESERVED]
+            raise UserError(f"unknown prune parameter '{name}' in {what}", f"use one of {', '.join(allowed)}")
+
+
+def _check_eval_args(eval_args: dict) -> None:
+    for name in eval_args:
+        if name in EVAL_RESERVED:
+            raise UserError(f"'{name}' cannot be set in eval_args", EVAL_RESERVED[name])
+    try:  # parse on a dummy model: unknown flags and bad values fail now
+        evaluate.parse(["--model_uri", DEMO_ALIAS, *_argv(eval_args)])
+    except UserError as exc:
+        raise UserError(f"eval_args: {exc}") from exc
+
+
+def _argv(flags: dict) -> list[str]:
+    return [tok for k, v in flags.items() for tok in (f"--{k}", str(v))]
+
+
+def resolve_config(argv: list[str] | None) -> SearchConfig:
+    """Defaults < config file < command line; each value checked on its own."""
+    cli = vars(build_parser().parse_args(argv))
+    file = load_config(cli["config"]) if cli["config"] else {}
+    raw = {k: cli[k] if cli.get(k) is not None else file.get(k, DEFAULTS[k]) for k in CONFIG_KEYS}
+    grid = {**_grid(file.get("grid")), **_grid(cli["grid"])}
+    prune_args = {**_flags(file.get("prune_args"), "prune_args"), **_flags(cli["prune_args"], "prune_args")}
+    eval_args = {**_flags(file.get("eval_args"), "eval_args"), **_flags(cli["eval_args"], "eval_args")}
+    cfg = SearchConfig(
+        models=tuple(dict.fromkeys(str(m) for m in _as_list(raw["models"], "models"))),
+        methods=tuple(dict.fromkeys(str(m) for m in _as_list(raw["methods"], "methods"))),
+        ratios=_ratios(raw["ratios"]), grid=grid,
+        prune_args={k: v for k, v in prune_args.items() if k not in grid}, eval=_bool(raw["eval"], "eval"),
+        eval_args=eval_args, resume=_bool(raw["resume"], "resume"),
+        stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
+        config=cli["config"])
+    for m in cfg.methods:
+        methods.get_method(m)
+    _check_prune_names(cfg.grid, "grid")
+    _check_prune_names(cfg.prune_args, "prune_args")
+    for model in cfg.models:
+        resolve_model(model, cfg.prune_args.get("models_file"))
+    if cfg.eval:
+        _check_eval_args(cfg.eval_args)
+        if not boolean(cfg.prune_args.get("save_model", "true")):
+            raise UserError("eval is on but prune_args sets save_model false (nothing to evaluate)",
+                            "drop save_model from prune_args or turn eval off")
+    return cfg
+
+
+def _bool(value, what: str) -> bool:
+    try:
+        return value if isinstance(value, bool) else boolean(str(value))
+    except Exception as exc:  # noqa: BLE001 - argparse's ArgumentTypeError
+        raise UserError(f"{what}: expected true or false, got '{value}'", f"set {what} to true or false") from exc
+
+
+# ------------------------------------------------------------------------------ the points
+
+def _hash(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _short_model(model: str) -> str:
+    return Path(model).name if Path(model).expanduser().is_dir() else model
+
+
+def eval_flags_for(model: str, eval_args: dict, models_file: str | None) -> dict:
+    """The eval flags of one model's points, with ``auto`` datasets/tasks made explicit.
+
+    The eval run sees a pruned checkpoint (a directory), not the alias, so its ``auto`` would pick
+    the hub defaults even for the demo model; the search resolves ``auto`` for the original model.
+    """
+    cfg = evaluate.parse(["--model_uri", DEMO_ALIAS, *_argv(eval_args)])
+    if resolve_model(model, models_file).alias != DEMO_ALIAS:
+        return dict(eval_args)
+    out = dict(eval_args)
+    if cfg.ppl_datasets.strip().lower() == "auto":
+        out["ppl_datasets"] = ",".join(k if k == s else f"{k}={s}" for k, s in evaluate.ppl_sources(cfg, True))
+    if cfg.tasks.strip().lower() == "auto":
+        out["tasks"] = ",".join(evaluate.task_plan(cfg, True)[0]) or "none"
+    return out
+
+
+def _eval_key(eval_argv: list[str]) -> str:
+    cfg = asdict(evaluate.parse(["--model_uri", DEMO_ALIAS, *eval_argv]))
+    for name in EVAL_RESERVED:
+        cfg.pop(name, None)
+    return _hash(cfg)
+
+
+def plan_points(cfg: SearchConfig) -> list[Point]:
+    """Every point, parsed exactly as its prune child will parse it (bad points fail here)."""
+    grid_names = list(cfg.grid)
+    models_file = cfg.prune_args.get("models_file")
+    eval_for = {m: eval_flags_for(m, cfg.eval_args, models_file) for m in cfg.models} if cfg.eval else {}
+    points, seen = [], {}
+    combos = itertools.product(cfg.models, cfg.methods, cfg.ratios, *(cfg.grid[g] for g in grid_names))
+    for index, (model, method, ratio, *values) in enumerate(combos):
+        grid = dict(zip(grid_names, values))
+        argv = ["--model", model, "--method", method, "--pruning_ratio", repr(ratio),
+                *_argv(cfg.prune_args), *_argv(grid)]
+        point = Point(index, model, method, ratio, grid, argv, key="")
+        try:
+            resolved = prune.parse(argv)
+        except UserError as exc:
+            raise UserError(f"sweep point '{point.label()}': {exc}") from exc
+        spec = resolve_model(model, resolved.models_file)
+        point.key = _hash({**asdict(resolved), "model_path": spec.path})
+        point.calibration = prune.calibration_source(resolved, spec)
+        if point.key in seen:
+            raise UserError(f"points '{seen[point.key]}' and '{point.label()}' are the same prune run",
+                            "remove the duplicate model / method / ratio / grid value")
+        seen[point.key] = point.label()
+        if cfg.eval:
+            point.eval_argv = _argv(eval_for[model])
+            point.eval_key = _eval_key(point.eval_argv)
+        points.append(point)
+    return points
+
+
+def parse(argv: list[str] | None) -> Sweep:
+    cfg = resolve_config(argv)
+    return Sweep(cfg, plan_points(cfg))
+
+
+def preflight(sweep: Sweep) -> None:
+    """Data the children will need from the hub, checked once before the first point runs."""
+    hub = sorted({p.calibration for p in sweep.points} & set(data.HUB_SOURCES))
+    if hub and not data.hub_reachable():
+        raise UserError(f"calibration dataset(s) {', '.join(hub)} are on the Hugging Face hub, which is "
+                        "not reachable (offline)", "add calibration_dataset=<local .txt/.jsonl file> to "
+                        "prune_args, or run where the hub is reachable")
+    if not sweep.config.eval:
+        return
+    for model in sweep.config.models:
+        argv = next(p.eval_argv for p in sweep.points if p.model == model)
+        cfg = evaluate.parse(["--model_uri", "x", *argv])
+        evaluate.ppl_sources(cfg, is_demo=False)   # the eval run sees a pruned checkpoint
+        evaluate.task_plan(cfg, is_demo=False)
+
+
+# ------------------------------------------------------------------------------ resume
+
+def _child_tags(search_id: str, point: Point, stage: str) -> dict:
+    tags = {schema.TAG_SEARCH_RUN: search_id, schema.TAG_SEARCH_POINT: point.key}
+    if stage == schema.STAGE_EVAL:  # name it by the point, not by the artifact path "pruned_model"
+        tags[schema.TAG_SEARCH_EVAL_KEY] = point.eval_key
+        tags[schema.TAG_RUN_NAME] = "eval-" + point.label().replace(" ", "-")
+    return tags
+
+
+def finished_prune(experiment_id: str, point: Point) -> str | None:
+    found = store.find_runs(experiment_id, {schema.TAG_STAGE: schema.STAGE_PRUNE,
+                                            schema.TAG_SEARCH_POINT: point.key})
+    return found[0].info.run_id if found else None
+
+
+def finished_eval(experiment_id: str, point: Point, prune_id: str) -> str | None:
+    found = store.find_runs(experiment_id, {schema.TAG_STAGE: schema.STAGE_EVAL,
+                                            schema.TAG_SEARCH_POINT: point.key,
+                                            schema.TAG_SEARCH_EVAL_KEY: point.eval_key,
+                                            schema.TAG_SOURCE_RUN: prune_id})
+    return found[0].info.run_id if found else None
+
+
+def _untagged_child(experiment_id: str, search_id: str, stage: str) -> str | None:
+    """The newest child of this search in ``stage`` not yet tagged with a point: the one that
+    just failed (child_run raises without returning its id)."""
+    for run in store.find_runs(experiment_id, {schema.TAG_PARENT_RUN: search_id, schema.TAG_STAGE: stage},
+                               status=None):
+        if schema.TAG_SEARCH_POINT not in run.data.tags:
+            return run.info.run_id
+    return None
+
+
+def _tag(run_id: str | None, tags: dict) -> None:
+    if run_id:
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient()
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+
+
+# ------------------------------------------------------------------------------ running points
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"
+
+
+def _child(stage: str, launch, experiment_id: str, search_id: str, point: Point):
+    """Launch one child; tag it (even when it failed) and return (run id, error or '')."""
+    try:
+        run_id, error = launch(), ""
+    except Exception as exc:  # noqa: BLE001 - one failing point must not stop the sweep
+        run_id, error = _untagged_child(experiment_id, search_id, stage), _reason(exc)
+    except KeyboardInterrupt:  # the child is KILLED; name its point, then stop the sweep
+        _tag(_untagged_child(experiment_id, search_id, stage), _child_tags(search_id, point, stage))
+        raise
+    _tag(run_id, _child_tags(search_id, point, stage))
+    return run_id, error
+
+
+def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) -> Outcome:
+    """Prune (unless a finished run exists and resume is on), then evaluate (likewise)."""
+    cfg, out, t0 = sweep.config, Outcome(point), time.perf_counter()
+    out.prune_run_id = finished_prune(experiment_id, point) if cfg.resume else None
+    if out.prune_run_id:
+        out.resumed.append(schema.STAGE_PRUNE)
+    else:
+        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda: prune.run_child(point.prune_argv),
+                                       experiment_id, search_id, point)
+        if err:
+            out.status, out.error = "failed", f"prune: {err}"
+    if cfg.eval and out.status != "failed":
+        out.eval_run_id = finished_eval(experiment_id, point, out.prune_run_id) if cfg.resume else None
+        if out.eval_run_id:
+            out.resumed.append(schema.STAGE_EVAL)
+        else:
+            uri = f"runs:/{out.prune_run_id}/{schema.A_PRUNED_MODEL}"
+            out.eval_run_id, err = _child(schema.STAGE_EVAL, lambda: evaluate.run_child(uri, point.eval_argv),
+                                          experiment_id, search_id, point)
+            if err:
+                out.status, out.error = "failed", f"eval: {err}"
+    if out.status != "failed":
+        wanted = 2 if cfg.eval else 1
+        out.status = "reused" if len(out.resumed) == wanted else "finished"
+    out.time_s = time.perf_counter() - t0
+    return out
+
+
+# ------------------------------------------------------------------------------ summary
+
+def _metrics(run_id: str | None) -> tuple[dict, dict]:
+    if not run_id:
+        return {}, {}
+    run = store.get_run(run_id)
+    return run.data.metrics, run.data.params
+
+
+def summary_rows(outcomes: list[Outcome]) -> pd.DataFrame:
+    """One row per point, values read back from the children's runs in the store."""
+    rows = []
+    for o in outcomes:
+        p = o.point
+        row = {"model": p.model, "method": p.method, RATIO: p.ratio, **p.grid}
+        pm, _ = _metrics(o.prune_run_id if o.status != "not run" else None)
+        for name in PRUNE_COLUMNS:
+            row[name] = pm.get(name)
+        em, ep = _metrics(o.eval_run_id)
+        for key in [k for k in ep.get(schema.P_PPL_RUN, "").split(",") if k]:
+            row[schema.ppl_metric(key)] = em.get(schema.ppl_metric(key))
+        row[schema.M_ZS_MEAN] = em.get(schema.M_ZS_MEAN)
+        row.update(status=o.status, resumed="+".join(o.resumed), prune_run_id=o.prune_run_id,
+                   eval_run_id=o.eval_run_id, search_point=p.key, error=o.error)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    ppl_cols = sorted(c for c in frame.columns if c.startswith("ppl/"))
+    front = [c for c in frame.columns if c not in ppl_cols and c != schema.M_ZS_MEAN
+             and c not in STATUS_COLUMNS]
+    tail = [schema.M_ZS_MEAN] if frame[schema.M_ZS_MEAN].notna().any() else []
+    return frame[front + ppl_cols + tail + list(STATUS_COLUMNS)]
+
+
+def _fmt(column: str, value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if column.endswith("_run_id"):
+        return str(value)[:8]
+    if column == schema.M_PARAMS_AFTER:
+        return f"{int(value):,}"
+    if column.startswith("ppl/"):
+        return f"{value:.2f}"
+    if column in (schema.M_ACHIEVED_RATIO, schema.M_ZS_MEAN):
+        return f"{value:.4f}"
+    if column == "model":
+        return _short_model(str(value))
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame, drop=("search_point",)) -> str:
+    cols = [c for c in frame.columns if c not in drop and not (c == "error" and not frame[c].astype(bool).any())]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_fmt(c, row[c]).replace("|", "/") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def protocol_text(outcomes: list[Outcome]) -> str:
+    """How the numbers were measured, from the first eval run that has them (all share the flags
+    of their model)."""
+    lines = [f"- `{schema.M_ACHIEVED_RATIO}`: fraction of prunable (attention + MLP) parameters removed; "
+             f"`{schema.M_PARAMS_AFTER}`: all parameters of the pruned model."]
+    seen = set()
+    for o in outcomes:
+        _, params = _metrics(o.eval_run_id)
+        for key in [k for k in params.get(schema.P_PPL_RUN, "").split(",") if k]:
+            text = params.get(schema.P_PPL_PROTOCOL.format(dataset=key))
+            if text and (key, text) not in seen:
+                seen.add((key, text))
+                lines.append(f"- `{schema.ppl_metric(key)}` ({_short_model(o.point.model)}): {text}")
+        if params.get(schema.P_TASKS_RUN) and ("zs", o.point.model) not in seen:
+            seen.add(("zs", o.point.model))
+            lines.append(f"- `{schema.M_ZS_MEAN}` ({_short_model(o.point.model)}): mean over "
+                         f"{params.get(schema.P_TASK_MEASURES)}; convention "
+                         f"{params.get(schema.P_ACC_CONVENTION)}, {params.get('num_fewshot')}-shot, "
+                         f"limit {params.get('limit')}")
+    return "\n".join(lines)
+
+
+def ppl_figure(frame: pd.DataFrame):
+    """Perplexity vs achieved ratio: one panel per (ppl dataset, model), one line per method (and
+    grid setting). None when no point has a perplexity."""
+    ppl_cols = [c for c in frame.columns if c.startswith("ppl/") and frame[c].notna().any()]
+    if not ppl_cols:
+        return None
+    from matplotlib.ticker import PercentFormatter
+
+    from gqaprune.plots import plt
+    models = list(dict.fromkeys(frame["model"]))
+    fig, axes = plt.subplots(len(ppl_cols), len(models), figsize=(4.2 * len(models) + 1, 3.4 * len(ppl_cols)),
+                             squeeze=False)
+    grid_cols = [c for c in frame.columns[3:] if c not in PRUNE_COLUMNS and not c.startswith("ppl/")
+                 and c != schema.M_ZS_MEAN and c not in STATUS_COLUMNS]
+    for r, col in enumerate(ppl_cols):
+        for c, model in enumerate(models):
+            ax = axes[r][c]
+            sub = frame[(frame["model"] == model) & frame[col].notna()]
+            for series, part in sub.groupby(["method", *grid_cols], sort=False):
+                series = series if isinstance(series, tuple) else (series,)
+                label = series[0] + "".join(f", {g}={v}" for g, v in zip(grid_cols, series[1:]))
+                x = part[schema.M_ACHIEVED_RATIO].fillna(part[RATIO])
+                order = x.argsort()
+                ax.plot(x.iloc[order], part[col].iloc[order], marker="o", label=label)
+            values = sub[col]
+            if len(values) and values.max() / max(values.min(), 1e-9) > 5:
+                ax.set_yscale("log")
+            ax.set_xlim(0, min(1.0, float(sub[RATIO].max() if len(sub) else 0.5) + 0.1))
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+            ax.set_title(f"{_short_model(model)} · {col}", fontsize=10)
+            ax.set_xlabel("prunable parameters removed (achieved)")
+            ax.set_ylabel(col)
+            ax.grid(alpha=0.3)
+            if len(sub):
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def log_summary(frame: pd.DataFrame, outcomes: list[Outcome], elapsed: float) -> str:
+    table = markdown_table(frame)
+    md = (f"# Search summary\n\n{table}\n\n## How the numbers were measured\n\n{protocol_text(outcomes)}\n\n"
+          f"Statuses: finished = run now; reused = taken from earlier FINISHED runs with the same "
+          f"`{schema.TAG_SEARCH_POINT}` (column `resumed` says which stages); failed = see `error`; "
+          f"not run = after a stop_on_error stop.\n")
+    runs.log_table(frame, schema.A_SEARCH_SUMMARY)
+    runs.log_text(md, schema.A_SEARCH_SUMMARY_MD)
+    fig = ppl_figure(frame)
+    if fig is not None:
+        runs.log_figure(fig, schema.A_SEARCH_FIG)
+    ok = [o for o in outcomes if o.ok]
+    runs.log_metrics({schema.M_SEARCH_FINISHED: len(ok),
+                      schema.M_SEARCH_REUSED: sum(o.status == "reused" for o in outcomes),
+                      schema.M_SEARCH_FAILED: sum(o.status == "failed" for o in outcomes),
+                      schema.M_SEARCH_TIME: elapsed})
+    return table
+
+
+# ------------------------------------------------------------------------------ the run
+
+def _params(cfg: SearchConfig) -> dict:
+    """The resolved sweep (config file + command line) as ``sweep/<name>`` params; ``mlflow run``
+    logs the typed ``-P`` values (often ``none``) under the plain names already."""
+    values = {"config": cfg.config, "models": ",".join(cfg.models), "methods": ",".join(cfg.methods),
+              "ratios": ",".join(f"{r:g}" for r in cfg.ratios),
+              "grid": json.dumps({k: list(v) for k, v in cfg.grid.items()}),
+              "prune_args": shlex.join(_argv(cfg.prune_args)), "eval": cfg.eval,
+              "eval_args": shlex.join(_argv(cfg.eval_args)), "resume": cfg.resume,
+              "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run}
+    return {schema.P_SWEEP.format(name=k): v for k, v in values.items()}
+
+
+def _plan_dict(points: list[Point]) -> list[dict]:
+    return [{"index": p.index, "label": p.label(), "model": p.model, "method": p.method,
+             RATIO: p.ratio, "grid": p.grid, "search_point": p.key, "prune_args": p.prune_argv,
+             "eval_args": p.eval_argv, "search_eval_key": p.eval_key} for p in points]
+
+
+def dry_run(sweep: Sweep, experiment_id: str) -> None:
+    """Print (and log) the points, and which a real run would reuse."""
+    rows = []
+    for p in sweep.points:
+        prune_id = finished_prune(experiment_id, p) if sweep.config.resume else None
+        eval_id = finished_eval(experiment_id, p, prune_id) if prune_id and p.eval_key else None
+        reuse = "+".join(s for s, r in ((schema.STAGE_PRUNE, prune_id), (schema.STAGE_EVAL, eval_id)) if r)
+        rows.append({"#": p.index + 1, "model": p.model, "method": p.method, RATIO: p.ratio,
+                     **p.grid, "would_reuse": reuse, "prune_run_id": prune_id, "search_point": p.key})
+    table = markdown_table(pd.DataFrame(rows), drop=())
+    runs.log_text(f"# Search plan (dry run)\n\n{table}\n", "search_plan.md")
+    print(f"dry run: {len(sweep.points)} point(s), nothing pruned\n{table}")
+
+
+def run(sweep: Sweep) -> list[Outcome]:
+    cfg, points = sweep.config, sweep.points
+    runs.log_params(_params(cfg))
+    runs.log_metrics({schema.M_SEARCH_POINTS: len(points)})
+    runs.log_json(_plan_dict(points), schema.A_SEARCH_PLAN)
+    import mlflow
+    active = mlflow.active_run()
+    experiment_id, search_id = active.info.experiment_id, active.info.run_id
+    if cfg.dry_run:
+        dry_run(sweep, experiment_id)
+        return []
+    preflight(sweep)
+    from tqdm.auto import tqdm
+    outcomes = [Outcome(p) for p in points]
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(points), desc="search", unit="point")
+    stopped = None
+    for i, p in enumerate(points):
+        outcomes[i] = o = run_point(p, sweep, experiment_id, search_id)
+        bar.update(1)
+        bar.write(_point_line(o, i + 1, len(points)))
+        if cfg.stop_on_error and not o.ok:
+            stopped = o
+            break
+    bar.close()
+    frame = summary_rows(outcomes)
+    table = log_summary(frame, outcomes, time.perf_counter() - t0)
+    print(f"\nsearch summary ({sum(o.ok for o in outcomes)}/{len(points)} points ok, "
+          f"{time.perf_counter() - t0:.0f}s):\n{table}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if stopped is not None:
+        raise UserError(f"stopped at point '{stopped.point.label()}' (stop_on_error): {stopped.error}",
+                        f"see {schema.A_SEARCH_SUMMARY_MD}; fix it and re-run (finished points are reused)")
+    if not any(o.ok for o in outcomes):
+        raise UserError(f"all {len(points)} points failed: " + "; ".join(
+            f"'{o.point.label()}' ({o.error})" for o in failed[:5]) + (" ..." if len(failed) > 5 else ""),
+            f"see {schema.A_SEARCH_SUMMARY_MD} and the failed child runs")
+    if failed:
+        print(f"{len(failed)} point(s) failed: " + "; ".join(f"'{o.point.label()}' ({o.error})" for o in failed))
+    return outcomes
+
+
+def _point_line(o: Outcome, n: int, total: int) -> str:
+    head = f"[{n}/{total}] {o.point.label()}:"
+    if not o.ok:
+        return f"{head} FAILED {o.error}"
+    pm, _ = _metrics(o.prune_run_id)
+    em, ep = _metrics(o.eval_run_id)
+    parts = [f"achieved {pm.get(schema.M_ACHIEVED_RATIO, float('nan')):.3f}"]
+    for key in [k for k in ep.get(schema.P_PPL_RUN, "").split(",") if k]:
+        parts.append(f"{schema.ppl_metric(key)} {em.get(schema.ppl_metric(key), float('nan')):.2f}")
+    if schema.M_ZS_MEAN in em:
+        parts.append(f"{schema.M_ZS_MEAN} {em[schema.M_ZS_MEAN]:.4f}")
+    ids = f"prune {o.prune_run_id[:8]}" + (f", eval {o.eval_run_id[:8]}" if o.eval_run_id else "")
+    note = f" (reused {'+'.join(o.resumed)})" if o.resumed else ""
+    return f"{head} {', '.join(parts)} [{ids}]{note} {o.time_s:.1f}s"
+
+
+def _run_name(sweep: Sweep) -> str:
+    cfg = sweep.config
+    base = Path(cfg.config).stem if cfg.config else "-".join(_short_model(m) for m in cfg.models[:3])
+    return f"search-{base}-{len(sweep.points)}pts" + ("-dry" if cfg.dry_run else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return runs.entry_point(schema.STAGE_SEARCH, lambda: parse(argv), run, run_name=_run_name,
+                            raw_params=raw_flags(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
