@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -416,22 +417,24 @@ def main(argv: list[str] | None = None) -> int:
                             tags=_tags, raw_params=raw_flags(argv))
 
 
-def evaluate_in_run(model_uri: str, args: list[str] | str = ()) -> str:
+def evaluate_in_run(model_uri: str, args: list[str] | str = (),
+                    extra_tags: Mapping[str, str] | None = None) -> str:
     """Evaluate ``model_uri`` in a nested child run of the active run and return its id.
 
-    Bad input raises :class:`UserError` after marking the eval run FAILED.
+    Bad input raises :class:`UserError` after marking the eval run FAILED. ``extra_tags`` are set
+    on the child from its start (see :func:`tracking.runs.child_run`).
     """
     argv = ["--model_uri", model_uri, *(shlex.split(args) if isinstance(args, str) else args)]
     return runs.child_run(schema.STAGE_EVAL, lambda: parse(argv), run, run_name=_run_name,
-                          tags=_tags, raw_params=raw_flags(argv))
+                          tags=_tags, raw_params=raw_flags(argv), extra_tags=extra_tags)
 
 
-def run_child(model_uri: str, args: list[str]) -> str:
+def run_child(model_uri: str, args: list[str], extra_tags: Mapping[str, str] | None = None) -> str:
     """Evaluate ``model_uri`` as a nested child run of the active MLflow run; return its run id.
 
     ``args`` are eval flags (e.g. ``["--tasks", "none", "--ppl_datasets", "demo"]``).
     """
-    return evaluate_in_run(model_uri, args)
+    return evaluate_in_run(model_uri, args, extra_tags)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -443,11 +444,12 @@ def log_reconstruction(spec: ModelSpec, plan: PruningPlan, result) -> dict:
     return metrics
 
 
-def run_child(args: list[str]) -> str:
+def run_child(args: list[str], extra_tags: Mapping[str, str] | None = None) -> str:
     """Prune as a nested child of the active MLflow run (e.g. one point of a search); return its
-    run id. Bad input marks the child FAILED and raises :class:`UserError`."""
+    run id. Bad input marks the child FAILED and raises :class:`UserError`. ``extra_tags`` are set
+    on the child from its start (see :func:`tracking.runs.child_run`)."""
     return runs.child_run(schema.STAGE_PRUNE, lambda: parse(args), run, run_name=_run_name,
-                          tags=tags_of, raw_params=raw_flags(args))
+                          tags=tags_of, raw_params=raw_flags(args), extra_tags=extra_tags)
 
 
 def _run_name(cfg: PruneConfig) -> str:

@@ -8,9 +8,12 @@ The points are the product models x methods x ratios x grid values. Every point 
 (its flags parsed as the prune entry point would) before anything runs, so a typo fails in a
 second, not after the first hour of a GPU sweep. Each point is a child prune run of the search
 run (``prune.run_child``), followed when ``eval`` is on by a child eval run of its pruned model
-(``evaluate.run_child``). Children carry ``search_run_id`` and ``search_point`` (a hash of the
-point's resolved prune settings); a re-run of the same sweep in the same experiment reuses the
-points that already FINISHED, so a killed sweep continues where it stopped.
+(``evaluate.run_child``). With ``eval_dense`` (default: on with eval) every model also gets one
+child eval run of the unpruned model itself, the ratio-0 baseline, with the same eval flags.
+Children carry ``search_run_id`` and ``search_point`` (a hash of the point's resolved prune
+settings; for dense evals of model path, "dense" and the eval key) from their start; a re-run of
+the same sweep in the same experiment reuses the points that already FINISHED, so a killed sweep
+continues where it stopped.
 """
 from __future__ import annotations
 
@@ -40,10 +43,11 @@ PRUNE_RESERVED = {"output_dir": "every point keeps its model in its run's pruned
 EVAL_RESERVED = {"model_uri": "the sweep evaluates each point's pruned model",
                  "parent_run_id": "eval runs are nested under the search run already",
                  "output_dir": "every eval run logs eval_results.json as an artifact"}
-CONFIG_KEYS = ("models", "methods", "ratios", "grid", "prune_args", "eval", "eval_args", "resume",
-               "stop_on_error")
+CONFIG_KEYS = ("models", "methods", "ratios", "grid", "prune_args", "eval", "eval_dense", "eval_args",
+               "resume", "stop_on_error")
 DEFAULTS = {"models": ["demo"], "methods": ["taylor"], "ratios": [0.2], "grid": {}, "prune_args": {},
-            "eval": False, "eval_args": {}, "resume": True, "stop_on_error": False}
+            "eval": False, "eval_dense": None, "eval_args": {}, "resume": True, "stop_on_error": False}
+DENSE = schema.LABEL_DENSE  # method label of the dense (unpruned) baseline rows
 # Summary columns read from the children (schema names; ppl/<dataset> columns are added per dataset).
 PRUNE_COLUMNS = (schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER)
 RATIO = "pruning_ratio"     # the target ratio column: the prune parameter's name
@@ -58,6 +62,7 @@ class SearchConfig:
     grid: dict                  # prune parameter -> tuple of values (strings, as flags)
     prune_args: dict            # prune parameter -> value (string) shared by every point
     eval: bool
+    eval_dense: bool            # also evaluate each unpruned model (only when eval is on)
     eval_args: dict             # eval parameter -> value (string)
     resume: bool
     stop_on_error: bool
@@ -78,8 +83,11 @@ class Point:
     eval_argv: list | None = None
     eval_key: str | None = None  # tag search_eval_key: hash of the resolved eval flags
     calibration: str = ""        # the calibration source the prune run will read
+    dense: bool = False          # the eval of the unpruned model (no prune child, ratio 0)
 
     def label(self) -> str:
+        if self.dense:
+            return f"{_short_model(self.model)} {DENSE}"
         extra = "".join(f" {k}={v}" for k, v in self.grid.items())
         return f"{_short_model(self.model)} {self.method} {self.ratio:g}{extra}"
 
@@ -104,6 +112,14 @@ class Outcome:
 class Sweep:
     config: SearchConfig
     points: list
+    dense: list = field(default_factory=list)   # one dense Point per model when eval_dense
+
+    def ordered(self) -> list:
+        """Run (and summary) order: per model its dense eval first, then its points."""
+        out = []
+        for model in self.config.models:
+            out += [d for d in self.dense if d.model == model] + [p for p in self.points if p.model == model]
+        return out
 
 
 # ------------------------------------------------------------------------------ flags and config
@@ -111,8 +127,8 @@ class Sweep:
 def build_parser() -> Parser:
     p = Parser(prog="search", description=__doc__.splitlines()[0])
     p.add_argument("--config", type=optional_str, default=None,
-                   help="sweep YAML (models, methods, ratios, grid, prune_args, eval, eval_args, "
-                        "resume, stop_on_error); command-line values override it")
+                   help="sweep YAML (models, methods, ratios, grid, prune_args, eval, eval_dense, "
+                        "eval_args, resume, stop_on_error); command-line values override it")
     p.add_argument("--models", type=optional_str, default=None, help="comma list of aliases / HF ids / dirs")
     p.add_argument("--methods", type=optional_str, default=None,
                    help=f"comma list of {', '.join(sorted(methods.METHODS))}")
@@ -122,6 +138,8 @@ def build_parser() -> Parser:
     p.add_argument("--prune_args", type=optional_str, default=None,
                    help='prune flags shared by every point: "--reconstruct_samples 32 --seed 1"')
     p.add_argument("--eval", type=_optional_bool, default=None, help="evaluate every pruned model")
+    p.add_argument("--eval_dense", type=_optional_bool, default=None,
+                   help="with eval: also evaluate each unpruned model, same eval flags (default true)")
     p.add_argument("--eval_args", type=optional_str, default=None,
                    help='eval flags: "--ppl_datasets wikitext2,ptb --tasks standard"')
     p.add_argument("--resume", type=_optional_bool, default=None,
@@ -277,6 +295,8 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
         methods=tuple(dict.fromkeys(str(m) for m in _as_list(raw["methods"], "methods"))),
         ratios=_ratios(raw["ratios"]), grid=grid,
         prune_args={k: v for k, v in prune_args.items() if k not in grid}, eval=_bool(raw["eval"], "eval"),
+        eval_dense=_bool(raw["eval"], "eval") and (raw["eval_dense"] is None
+                                                    or _bool(raw["eval_dense"], "eval_dense")),
         eval_args=eval_args, resume=_bool(raw["resume"], "resume"),
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
         config=cli["config"])
@@ -365,9 +385,31 @@ def plan_points(cfg: SearchConfig) -> list[Point]:
     return points
 
 
+def plan_dense(cfg: SearchConfig, points: list[Point]) -> list[Point]:
+    """One eval of each unpruned model, with the eval flags of that model's points.
+
+    Its ``search_point`` hashes (model path, "dense", eval key), so resume reuses a FINISHED dense
+    eval with the same flags and re-runs it when they change.
+    """
+    if not cfg.eval_dense:
+        return []
+    models_file = cfg.prune_args.get("models_file")
+    out = []
+    for i, model in enumerate(cfg.models):
+        first = next(p for p in points if p.model == model)
+        argv = list(first.eval_argv)
+        if models_file and "models_file" not in cfg.eval_args:  # the eval resolves the alias itself
+            argv += ["--models_file", models_file]
+        path = resolve_model(model, models_file).path
+        out.append(Point(i, model, DENSE, 0.0, {}, [], key=_hash([path, DENSE, first.eval_key]),
+                         eval_argv=argv, eval_key=first.eval_key, dense=True))
+    return out
+
+
 def parse(argv: list[str] | None) -> Sweep:
     cfg = resolve_config(argv)
-    return Sweep(cfg, plan_points(cfg))
+    points = plan_points(cfg)
+    return Sweep(cfg, points, plan_dense(cfg, points))
 
 
 def preflight(sweep: Sweep) -> None:
@@ -410,22 +452,19 @@ def finished_eval(experiment_id: str, point: Point, prune_id: str) -> str | None
     return found[0].info.run_id if found else None
 
 
-def _untagged_child(experiment_id: str, search_id: str, stage: str) -> str | None:
-    """The newest child of this search in ``stage`` not yet tagged with a point: the one that
-    just failed (child_run raises without returning its id)."""
-    for run in store.find_runs(experiment_id, {schema.TAG_PARENT_RUN: search_id, schema.TAG_STAGE: stage},
-                               status=None):
-        if schema.TAG_SEARCH_POINT not in run.data.tags:
-            return run.info.run_id
-    return None
+def finished_dense(experiment_id: str, point: Point) -> str | None:
+    found = store.find_runs(experiment_id, {schema.TAG_STAGE: schema.STAGE_EVAL,
+                                            schema.TAG_SEARCH_POINT: point.key,
+                                            schema.TAG_SEARCH_EVAL_KEY: point.eval_key})
+    return found[0].info.run_id if found else None
 
 
-def _tag(run_id: str | None, tags: dict) -> None:
-    if run_id:
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient()
-        for k, v in tags.items():
-            client.set_tag(run_id, k, v)
+def _failed_child(experiment_id: str, search_id: str, point: Point, stage: str) -> str | None:
+    """The run of a child that raised (child_run returns no id then): found by the tags it got
+    at its start."""
+    found = store.find_runs(experiment_id, {schema.TAG_SEARCH_RUN: search_id, schema.TAG_STAGE: stage,
+                                            schema.TAG_SEARCH_POINT: point.key}, status=None)
+    return found[0].info.run_id if found else None
 
 
 # ------------------------------------------------------------------------------ running points
@@ -438,16 +477,12 @@ def _reason(exc: Exception) -> str:
 
 
 def _child(stage: str, launch, experiment_id: str, search_id: str, point: Point):
-    """Launch one child; tag it (even when it failed) and return (run id, error or '')."""
+    """Launch one child tagged with its point from birth (``launch(tags)``); return (run id,
+    error or ''). A KeyboardInterrupt leaves the child KILLED, tagged, and stops the sweep."""
     try:
-        run_id, error = launch(), ""
+        return launch(_child_tags(search_id, point, stage)), ""
     except Exception as exc:  # noqa: BLE001 - one failing point must not stop the sweep
-        run_id, error = _untagged_child(experiment_id, search_id, stage), _reason(exc)
-    except KeyboardInterrupt:  # the child is KILLED; name its point, then stop the sweep
-        _tag(_untagged_child(experiment_id, search_id, stage), _child_tags(search_id, point, stage))
-        raise
-    _tag(run_id, _child_tags(search_id, point, stage))
-    return run_id, error
+        return _failed_child(experiment_id, search_id, point, stage), _reason(exc)
 
 
 def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) -> Outcome:
@@ -457,7 +492,7 @@ def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
     if out.prune_run_id:
         out.resumed.append(schema.STAGE_PRUNE)
     else:
-        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda: prune.run_child(point.prune_argv),
+        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune_argv, tags),
                                        experiment_id, search_id, point)
         if err:
             out.status, out.error = "failed", f"prune: {err}"
@@ -467,13 +502,30 @@ def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
             out.resumed.append(schema.STAGE_EVAL)
         else:
             uri = f"runs:/{out.prune_run_id}/{schema.A_PRUNED_MODEL}"
-            out.eval_run_id, err = _child(schema.STAGE_EVAL, lambda: evaluate.run_child(uri, point.eval_argv),
+            out.eval_run_id, err = _child(schema.STAGE_EVAL,
+                                          lambda tags: evaluate.run_child(uri, point.eval_argv, tags),
                                           experiment_id, search_id, point)
             if err:
                 out.status, out.error = "failed", f"eval: {err}"
     if out.status != "failed":
         wanted = 2 if cfg.eval else 1
         out.status = "reused" if len(out.resumed) == wanted else "finished"
+    out.time_s = time.perf_counter() - t0
+    return out
+
+
+def run_dense(point: Point, sweep: Sweep, experiment_id: str, search_id: str) -> Outcome:
+    """Evaluate the unpruned model as given (alias / dir), unless a finished eval can be reused."""
+    out, t0 = Outcome(point), time.perf_counter()
+    out.eval_run_id = finished_dense(experiment_id, point) if sweep.config.resume else None
+    if out.eval_run_id:
+        out.resumed.append(schema.STAGE_EVAL)
+        out.status = "reused"
+    else:
+        out.eval_run_id, err = _child(schema.STAGE_EVAL,
+                                      lambda tags: evaluate.run_child(point.model, point.eval_argv, tags),
+                                      experiment_id, search_id, point)
+        out.status, out.error = ("failed", f"eval: {err}") if err else ("finished", "")
     out.time_s = time.perf_counter() - t0
     return out
 
@@ -488,15 +540,18 @@ def _metrics(run_id: str | None) -> tuple[dict, dict]:
 
 
 def summary_rows(outcomes: list[Outcome]) -> pd.DataFrame:
-    """One row per point, values read back from the children's runs in the store."""
+    """One row per point (and dense eval), values read back from the children's runs in the store."""
     rows = []
+    grid_names = list(dict.fromkeys(g for o in outcomes for g in o.point.grid))
     for o in outcomes:
         p = o.point
-        row = {"model": p.model, "method": p.method, RATIO: p.ratio, **p.grid}
+        row = {"model": p.model, "method": p.method, RATIO: p.ratio, **{g: p.grid.get(g) for g in grid_names}}
         pm, _ = _metrics(o.prune_run_id if o.status != "not run" else None)
+        em, ep = _metrics(o.eval_run_id)
+        if p.dense and o.ok:  # the baseline: nothing removed, its size measured by the eval
+            pm = {schema.M_ACHIEVED_RATIO: 0.0, schema.M_PARAMS_AFTER: em.get(schema.M_MODEL_PARAMS)}
         for name in PRUNE_COLUMNS:
             row[name] = pm.get(name)
-        em, ep = _metrics(o.eval_run_id)
         for key in [k for k in ep.get(schema.P_PPL_RUN, "").split(",") if k]:
             row[schema.ppl_metric(key)] = em.get(schema.ppl_metric(key))
         row[schema.M_ZS_MEAN] = em.get(schema.M_ZS_MEAN)
@@ -539,7 +594,8 @@ def protocol_text(outcomes: list[Outcome]) -> str:
     """How the numbers were measured, from the first eval run that has them (all share the flags
     of their model)."""
     lines = [f"- `{schema.M_ACHIEVED_RATIO}`: fraction of prunable (attention + MLP) parameters removed; "
-             f"`{schema.M_PARAMS_AFTER}`: all parameters of the pruned model."]
+             f"`{schema.M_PARAMS_AFTER}`: all parameters of the pruned model (method `{DENSE}`: the "
+             f"unpruned model as given, evaluated with the same eval flags; its `{schema.M_MODEL_PARAMS}`)."]
     seen = set()
     for o in outcomes:
         _, params = _metrics(o.eval_run_id)
@@ -559,7 +615,8 @@ def protocol_text(outcomes: list[Outcome]) -> str:
 
 def ppl_figure(frame: pd.DataFrame):
     """Perplexity vs achieved ratio: one panel per (ppl dataset, model), one line per method (and
-    grid setting). None when no point has a perplexity."""
+    grid setting), the dense model as the ratio-0 point with a dotted reference line. None when no
+    point has a perplexity."""
     ppl_cols = [c for c in frame.columns if c.startswith("ppl/") and frame[c].notna().any()]
     if not ppl_cols:
         return None
@@ -575,9 +632,14 @@ def ppl_figure(frame: pd.DataFrame):
         for c, model in enumerate(models):
             ax = axes[r][c]
             sub = frame[(frame["model"] == model) & frame[col].notna()]
-            for series, part in sub.groupby(["method", *grid_cols], sort=False):
+            for value in sub.loc[sub["method"] == DENSE, col]:  # the ratio-0 reference
+                ax.axhline(value, color="gray", ls=":", lw=1)
+                ax.plot([0.0], [value], marker="s", color="black", ls="none", label=f"{DENSE} ({value:.2f})",
+                        clip_on=False, zorder=3)
+            for series, part in sub[sub["method"] != DENSE].groupby(["method", *grid_cols], sort=False,
+                                                                     dropna=False):
                 series = series if isinstance(series, tuple) else (series,)
-                label = series[0] + "".join(f", {g}={v}" for g, v in zip(grid_cols, series[1:]))
+                label = series[0] + "".join(f", {g}={v}" for g, v in zip(grid_cols, series[1:]) if pd.notna(v))
                 x = part[schema.M_ACHIEVED_RATIO].fillna(part[RATIO])
                 order = x.argsort()
                 ax.plot(x.iloc[order], part[col].iloc[order], marker="o", label=label)
@@ -601,16 +663,20 @@ def log_summary(frame: pd.DataFrame, outcomes: list[Outcome], elapsed: float) ->
     md = (f"# Search summary\n\n{table}\n\n## How the numbers were measured\n\n{protocol_text(outcomes)}\n\n"
           f"Statuses: finished = run now; reused = taken from earlier FINISHED runs with the same "
           f"`{schema.TAG_SEARCH_POINT}` (column `resumed` says which stages); failed = see `error`; "
+          f"method `{DENSE}` = the unpruned model (pruning_ratio 0); "
           f"not run = after a stop_on_error stop.\n")
     runs.log_table(frame, schema.A_SEARCH_SUMMARY)
     runs.log_text(md, schema.A_SEARCH_SUMMARY_MD)
     fig = ppl_figure(frame)
     if fig is not None:
         runs.log_figure(fig, schema.A_SEARCH_FIG)
-    ok = [o for o in outcomes if o.ok]
-    runs.log_metrics({schema.M_SEARCH_FINISHED: len(ok),
-                      schema.M_SEARCH_REUSED: sum(o.status == "reused" for o in outcomes),
-                      schema.M_SEARCH_FAILED: sum(o.status == "failed" for o in outcomes),
+    grid = [o for o in outcomes if not o.point.dense]
+    dense = [o for o in outcomes if o.point.dense]
+    runs.log_metrics({schema.M_SEARCH_FINISHED: sum(o.ok for o in grid),
+                      schema.M_SEARCH_REUSED: sum(o.status == "reused" for o in grid),
+                      schema.M_SEARCH_FAILED: sum(o.status == "failed" for o in grid),
+                      schema.M_SEARCH_DENSE: len(dense),
+                      schema.M_SEARCH_DENSE_FAILED: sum(o.status == "failed" for o in dense),
                       schema.M_SEARCH_TIME: elapsed})
     return table
 
@@ -623,37 +689,43 @@ def _params(cfg: SearchConfig) -> dict:
     values = {"config": cfg.config, "models": ",".join(cfg.models), "methods": ",".join(cfg.methods),
               "ratios": ",".join(f"{r:g}" for r in cfg.ratios),
               "grid": json.dumps({k: list(v) for k, v in cfg.grid.items()}),
-              "prune_args": shlex.join(_argv(cfg.prune_args)), "eval": cfg.eval,
+              "prune_args": shlex.join(_argv(cfg.prune_args)), "eval": cfg.eval, "eval_dense": cfg.eval_dense,
               "eval_args": shlex.join(_argv(cfg.eval_args)), "resume": cfg.resume,
               "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run}
     return {schema.P_SWEEP.format(name=k): v for k, v in values.items()}
 
 
-def _plan_dict(points: list[Point]) -> list[dict]:
+def _plan_dict(sweep: Sweep) -> list[dict]:
+    """The grid points in order, then the dense evals (``"dense": true``, no prune args)."""
     return [{"index": p.index, "label": p.label(), "model": p.model, "method": p.method,
              RATIO: p.ratio, "grid": p.grid, "search_point": p.key, "prune_args": p.prune_argv,
-             "eval_args": p.eval_argv, "search_eval_key": p.eval_key} for p in points]
+             "eval_args": p.eval_argv, "search_eval_key": p.eval_key, "dense": p.dense}
+            for p in sweep.points + sweep.dense]
 
 
 def dry_run(sweep: Sweep, experiment_id: str) -> None:
     """Print (and log) the points, and which a real run would reuse."""
-    rows = []
-    for p in sweep.points:
-        prune_id = finished_prune(experiment_id, p) if sweep.config.resume else None
-        eval_id = finished_eval(experiment_id, p, prune_id) if prune_id and p.eval_key else None
+    rows, resume = [], sweep.config.resume
+    for n, p in enumerate(sweep.ordered(), 1):
+        if p.dense:
+            prune_id, eval_id = None, finished_dense(experiment_id, p) if resume else None
+        else:
+            prune_id = finished_prune(experiment_id, p) if resume else None
+            eval_id = finished_eval(experiment_id, p, prune_id) if prune_id and p.eval_key else None
         reuse = "+".join(s for s, r in ((schema.STAGE_PRUNE, prune_id), (schema.STAGE_EVAL, eval_id)) if r)
-        rows.append({"#": p.index + 1, "model": p.model, "method": p.method, RATIO: p.ratio,
-                     **p.grid, "would_reuse": reuse, "prune_run_id": prune_id, "search_point": p.key})
+        rows.append({"#": n, "model": p.model, "method": p.method, RATIO: p.ratio,
+                     **{g: p.grid.get(g) for g in sweep.config.grid}, "would_reuse": reuse, "prune_run_id": prune_id, "search_point": p.key})
     table = markdown_table(pd.DataFrame(rows), drop=())
     runs.log_text(f"# Search plan (dry run)\n\n{table}\n", "search_plan.md")
-    print(f"dry run: {len(sweep.points)} point(s), nothing pruned\n{table}")
+    dense = f" + {len(sweep.dense)} dense eval(s)" if sweep.dense else ""
+    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned\n{table}")
 
 
 def run(sweep: Sweep) -> list[Outcome]:
     cfg, points = sweep.config, sweep.points
     runs.log_params(_params(cfg))
     runs.log_metrics({schema.M_SEARCH_POINTS: len(points)})
-    runs.log_json(_plan_dict(points), schema.A_SEARCH_PLAN)
+    runs.log_json(_plan_dict(sweep), schema.A_SEARCH_PLAN)
     import mlflow
     active = mlflow.active_run()
     experiment_id, search_id = active.info.experiment_id, active.info.run_id
@@ -662,29 +734,34 @@ def run(sweep: Sweep) -> list[Outcome]:
         return []
     preflight(sweep)
     from tqdm.auto import tqdm
-    outcomes = [Outcome(p) for p in points]
+    order = sweep.ordered()
+    outcomes = [Outcome(p) for p in order]
     t0 = time.perf_counter()
-    bar = tqdm(total=len(points), desc="search", unit="point")
+    bar = tqdm(total=len(order), desc="search", unit="run")
     stopped = None
-    for i, p in enumerate(points):
-        outcomes[i] = o = run_point(p, sweep, experiment_id, search_id)
+    for i, p in enumerate(order):
+        step = run_dense if p.dense else run_point
+        outcomes[i] = o = step(p, sweep, experiment_id, search_id)
         bar.update(1)
-        bar.write(_point_line(o, i + 1, len(points)))
-        if cfg.stop_on_error and not o.ok:
+        bar.write(_point_line(o, i + 1, len(order)))
+        if cfg.stop_on_error and not o.ok and not p.dense:  # a failed baseline does not stop the sweep
             stopped = o
             break
     bar.close()
     frame = summary_rows(outcomes)
     table = log_summary(frame, outcomes, time.perf_counter() - t0)
-    print(f"\nsearch summary ({sum(o.ok for o in outcomes)}/{len(points)} points ok, "
+    grid = [o for o in outcomes if not o.point.dense]
+    dense = f", {sum(o.ok for o in outcomes if o.point.dense)}/{len(sweep.dense)} dense evals ok" if sweep.dense else ""
+    print(f"\nsearch summary ({sum(o.ok for o in grid)}/{len(points)} points ok{dense}, "
           f"{time.perf_counter() - t0:.0f}s):\n{table}")
     failed = [o for o in outcomes if o.status == "failed"]
     if stopped is not None:
         raise UserError(f"stopped at point '{stopped.point.label()}' (stop_on_error): {stopped.error}",
                         f"see {schema.A_SEARCH_SUMMARY_MD}; fix it and re-run (finished points are reused)")
-    if not any(o.ok for o in outcomes):
+    if not any(o.ok for o in grid):
+        failed_grid = [o for o in grid if o.status == "failed"]
         raise UserError(f"all {len(points)} points failed: " + "; ".join(
-            f"'{o.point.label()}' ({o.error})" for o in failed[:5]) + (" ..." if len(failed) > 5 else ""),
+            f"'{o.point.label()}' ({o.error})" for o in failed_grid[:5]) + (" ..." if len(failed_grid) > 5 else ""),
             f"see {schema.A_SEARCH_SUMMARY_MD} and the failed child runs")
     if failed:
         print(f"{len(failed)} point(s) failed: " + "; ".join(f"'{o.point.label()}' ({o.error})" for o in failed))
@@ -697,12 +774,13 @@ def _point_line(o: Outcome, n: int, total: int) -> str:
         return f"{head} FAILED {o.error}"
     pm, _ = _metrics(o.prune_run_id)
     em, ep = _metrics(o.eval_run_id)
-    parts = [f"achieved {pm.get(schema.M_ACHIEVED_RATIO, float('nan')):.3f}"]
+    parts = [f"params {int(em.get(schema.M_MODEL_PARAMS, 0)):,}" if o.point.dense
+             else f"achieved {pm.get(schema.M_ACHIEVED_RATIO, float('nan')):.3f}"]
     for key in [k for k in ep.get(schema.P_PPL_RUN, "").split(",") if k]:
         parts.append(f"{schema.ppl_metric(key)} {em.get(schema.ppl_metric(key), float('nan')):.2f}")
     if schema.M_ZS_MEAN in em:
         parts.append(f"{schema.M_ZS_MEAN} {em[schema.M_ZS_MEAN]:.4f}")
-    ids = f"prune {o.prune_run_id[:8]}" + (f", eval {o.eval_run_id[:8]}" if o.eval_run_id else "")
+    ids = ", ".join(f"{stage} {rid[:8]}" for stage, rid in (("prune", o.prune_run_id), ("eval", o.eval_run_id)) if rid)
     note = f" (reused {'+'.join(o.resumed)})" if o.resumed else ""
     return f"{head} {', '.join(parts)} [{ids}]{note} {o.time_s:.1f}s"
 

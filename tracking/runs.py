@@ -152,27 +152,32 @@ def where_to_look(experiment_id: str, run_id: str, stage: str) -> str:
 def child_run(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any], *,
               run_name: Callable[[Any], str] | None = None,
               tags: Callable[[Any], Mapping[str, str]] | None = None,
-              raw_params: Mapping[str, Any] | None = None) -> str:
+              raw_params: Mapping[str, Any] | None = None,
+              extra_tags: Mapping[str, str] | None = None) -> str:
     """Run ``body(parse())`` as a nested child of the active run (same experiment); return its id.
 
     For pipelines (finetune's eval_after, search's grid points). Bad input marks the child
     FAILED and raises the UserError to the caller, which decides whether to go on.
+    ``extra_tags`` are set when the child starts, before parsing, so even a child that fails or is
+    killed at once carries them (a search finds its point's run by them); they win over the run
+    name and tags derived from the parsed config.
     """
     parent = mlflow.active_run()
     if parent is None:
         raise RuntimeError("child_run needs an active MLflow run")
     experiment = mlflow.get_experiment(parent.info.experiment_id).name
-    with tracked_run(stage, nested=True, experiment=experiment) as active:
+    extra = {k: str(v) for k, v in (extra_tags or {}).items()}
+    with tracked_run(stage, nested=True, experiment=experiment, tags=extra) as active:
         try:
             config = parse()
         except UserError:
             if raw_params:
                 log_params(raw_params)
             raise
-        if run_name is not None:
+        if run_name is not None and schema.TAG_RUN_NAME not in extra:
             mlflow.set_tag(schema.TAG_RUN_NAME, run_name(config))
         if tags is not None:
-            mlflow.set_tags(dict(tags(config)))
+            mlflow.set_tags({k: v for k, v in dict(tags(config)).items() if k not in extra})
         body(config)
     return active.info.run_id
 

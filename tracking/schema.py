@@ -133,11 +133,14 @@ TAG_COMPARED_RUNS = "compared_eval_runs"   # analysis run -> comma-separated eva
 TAG_SEARCH_RUN = "search_run_id"           # on each child: the search run that launched it
 TAG_SEARCH_POINT = "search_point"          # on prune + eval children: hash of the point's resolved
                                            # PruneConfig (+ model path); resume looks runs up by it
+                                           # (dense evals: hash of model path, "dense", eval key)
 TAG_SEARCH_EVAL_KEY = "search_eval_key"    # on eval children: hash of the resolved eval flags
 M_SEARCH_POINTS = "search/points"          # points in the sweep
 M_SEARCH_FINISHED = "search/points_finished"  # finished now or earlier (reused)
 M_SEARCH_REUSED = "search/points_reused"   # prune (and eval) taken over from earlier runs
 M_SEARCH_FAILED = "search/points_failed"
+M_SEARCH_DENSE = "search/dense_evals"     # eval_dense: evals of the unpruned models (one per model)
+M_SEARCH_DENSE_FAILED = "search/dense_evals_failed"
 M_SEARCH_TIME = "search_time_s"
 P_SWEEP = "sweep/{name}"                   # resolved sweep settings (config file + command line)
 A_SEARCH_PLAN = "search_plan.json"         # every point: parameters, key, prune / eval flags
