@@ -13,7 +13,6 @@ has both a Base and an Instruct model, a Base-vs-Instruct figure. Everything, pl
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import pandas as pd
 
 from analysis import query
 from gqaprune.errors import UserError
+from prune_entry.common import Parser, boolean, optional_str, raw_flags
 from tracking import runs, schema
 
 INDEX = ["method", "pruning_ratio", "stage"]
@@ -393,36 +393,21 @@ def base_instruct_figure(p: Pivot):
 
 # ------------------------------------------------------------------------------ entry point
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"cross_model: {message}", "see python -m analysis.cross_model --help")
-
-
-def _boolean(text: str) -> bool:
-    low = str(text).strip().lower()
-    if low not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
-    return low in ("true", "1", "yes")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="cross_model", description=__doc__.splitlines()[0])
-    p.add_argument("--experiments", default=None,
+def build_parser() -> Parser:
+    p = Parser(prog="cross_model", description=__doc__.splitlines()[0])
+    p.add_argument("--experiments", type=optional_str, default=None,
                    help="comma-separated experiment names (default: every experiment in the store)")
     p.add_argument("--metric", default="auto",
                    help="comma-separated metric names (ppl/<dataset>, zeroshot/mean_acc, <task>/acc, ...); "
                         "auto: every ppl/<dataset> and zeroshot/mean_acc present")
-    p.add_argument("--output_dir", default=None, help="also write the reports here")
-    p.add_argument("--include_failed", type=_boolean, default=False,
+    p.add_argument("--output_dir", type=optional_str, default=None, help="also write the reports here")
+    p.add_argument("--include_failed", type=boolean, default=False,
                    help="true: also use FAILED/KILLED/RUNNING runs (for debugging, never for a paper)")
     return p
 
 
 def parse(argv: list[str] | None):
-    args = build_parser().parse_args(argv)
-    if args.output_dir and str(args.output_dir).lower() == "none":
-        args.output_dir = None
-    return args
+    return build_parser().parse_args(argv)
 
 
 def choose_metrics(table: pd.DataFrame, requested: str) -> list[str]:
@@ -503,25 +488,10 @@ def run(args) -> dict[str, Pivot]:
     return pivots
 
 
-def _raw(argv: list[str] | None) -> dict:
-    """``--key value`` pairs as typed (kept on the run when parsing fails)."""
-    import sys
-    args = sys.argv[1:] if argv is None else argv
-    out, i = {}, 0
-    while i < len(args):
-        if args[i].startswith("--"):
-            key, eq, val = args[i][2:].partition("=")
-            if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
-                val, i = args[i + 1], i + 1
-            out[key] = val
-        i += 1
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """An analysis run in the analysis experiment: bad input -> one line, exit 2, run FAILED."""
     return runs.entry_point(schema.STAGE_ANALYSIS, lambda: parse(argv), run, run_name=lambda _: "cross_model",
-                            raw_params=_raw(argv), experiment=schema.ANALYSIS_EXPERIMENT)
+                            raw_params=raw_flags(argv), experiment=schema.ANALYSIS_EXPERIMENT)
 
 
 if __name__ == "__main__":
