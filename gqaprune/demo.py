@@ -140,21 +140,16 @@ def lr_factor(step: int, steps: int) -> float:
 
 @torch.no_grad()
 def held_out_perplexity(model, stream: torch.Tensor, seq_len: int = SEQ_LEN) -> float:
-    """exp(mean next-token NLL) over consecutive non-overlapping ``seq_len`` windows.
+    """exp(mean next-token NLL) over consecutive non-overlapping ``seq_len`` windows, no BOS.
 
     Each window is scored independently (no context carried over), so its first token is
     never predicted; the last, shorter window is kept if it has at least 2 tokens.
     """
+    from gqaprune.evaluation.perplexity import PplProtocol, perplexity
+
     model.eval()
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(stream) - 1, seq_len):
-        window = stream[start:start + seq_len][None, :]   # (1, <=seq_len)
-        if window.shape[1] < 2:
-            break
-        loss = model(input_ids=window, labels=window, use_cache=False).loss  # mean over T-1
-        total_nll += loss.item() * (window.shape[1] - 1)
-        total_tokens += window.shape[1] - 1
-    return math.exp(total_nll / total_tokens)
+    protocol = PplProtocol("demo", seq_len=seq_len, bos=False)
+    return perplexity(model, stream, protocol, show_progress=False).ppl
 
 
 # --------------------------------------------------------------------------- training

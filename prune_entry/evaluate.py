@@ -246,11 +246,7 @@ def load_for_eval(model_path: str, spec, dtype, device):
     if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise UserError(f"no tokenizer found in '{p}' (none of {', '.join(TOKENIZER_FILES)})",
                         "save the tokenizer with the model (tokenizer.save_pretrained(dir))")
-    try:
-        return load_model_and_tokenizer(spec, dtype, device)
-    except ValueError as exc:
-        raise UserError(f"could not load the tokenizer of '{model_path}': {str(exc).splitlines()[0][:150]}",
-                        "save a fast tokenizer (tokenizer.json) with the model") from exc
+    return load_model_and_tokenizer(spec, dtype, device)  # turns loading errors into UserError
 
 
 def bos_for(cfg: EvalConfig, tokenizer) -> bool:

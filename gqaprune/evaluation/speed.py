@@ -77,32 +77,6 @@ def model_facts(model, checkpoint_dir: str | Path | None = None) -> ModelFacts:
     return ModelFacts(count_parameters(model), nbytes, size_on_disk(checkpoint_dir))
 
 
-def _reset_peak(device: torch.device) -> bool:
-    """Start a fresh peak-memory window: CUDA stats, or on Linux the process's VmHWM
-    (``/proc/self/clear_refs``), so the peak belongs to this measurement, not to whatever the
-    process did before (e.g. evaluating another model). False if the CPU peak cannot be reset."""
-    reset_peak_memory(device)
-    if device.type == "cuda":
-        return True
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_mb(device: torch.device) -> float:
-    """CUDA: max allocated. CPU (Linux): VmHWM, the peak resident set since the last reset."""
-    if device.type != "cuda":
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return peak_memory_mb(device)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,12 +112,12 @@ def measure_speed(model, vocab_size: int, prompt_len: int = 128, new_tokens: int
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (batch_size, prompt_len), generator=gen).to(device)  # [B, P]
     _one_pass(model, prompt, new_tokens, device)  # warm-up: allocator, kernels, lazy inits
-    _reset_peak(device)
+    reset_peak_memory(device)
     times = [_one_pass(model, prompt, new_tokens, device) for _ in range(max(1, repeats))]
     pre = statistics.median(t[0] for t in times)
     dec = statistics.median(t[1] for t in times)
     dec_tps = batch_size * new_tokens / dec if new_tokens and dec > 0 else float("nan")
     return SpeedResult(batch_size * prompt_len / pre, dec_tps,
                        1000 * dec / new_tokens if new_tokens else float("nan"),
-                       _peak_mb(device), prompt_len, new_tokens, batch_size, max(1, repeats),
+                       peak_memory_mb(device), prompt_len, new_tokens, batch_size, max(1, repeats),
                        str(device), str(param.dtype).removeprefix("torch."))
