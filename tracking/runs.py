@@ -45,9 +45,14 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+def use_store() -> None:
+    """Point MLflow at the store (reads need nothing more; no experiment is created)."""
+    mlflow.set_tracking_uri(tracking_uri())
+
+
 def setup(experiment: str | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id."""
-    mlflow.set_tracking_uri(tracking_uri())
+    use_store()
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or schema.DEFAULT_EXPERIMENT
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:

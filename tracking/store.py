@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from gqaprune.errors import UserError
 from tracking import schema
-from tracking.runs import setup
+from tracking.runs import use_store
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -23,7 +23,7 @@ class Resolved:
 
 
 def _client() -> MlflowClient:
-    setup()
+    use_store()
     return MlflowClient()
 
 
@@ -59,7 +59,7 @@ def model_artifact_of_run(run_id: str) -> str:
 def resolve_model_source(source: str) -> Resolved:
     """Alias / HF id / dir / ``runs:/`` / ``models:/`` URI / bare run id -> something loadable."""
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        setup()
+        use_store()
         return Resolved(_download(source), source, _run_of(source))
     if _RUN_ID.match(source) and not Path(source).exists():
         path = model_artifact_of_run(source)
@@ -73,7 +73,7 @@ def resolve_model_source(source: str) -> Resolved:
 def resolve_file(source: str, what: str) -> str:
     """A local path or a ``runs:/`` artifact URI -> local file path."""
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
-        setup()
+        use_store()
         return _download(source)
     p = Path(source).expanduser()
     if not p.exists():
