@@ -29,7 +29,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 def load(model_dir: str | None, text: str | None):
     from gqaprune import data
-    from gqaprune.models import load_model_and_tokenizer, resolve_model
+    from gqaprune.loading import load_model_and_tokenizer, resolve_model
     model_dir = model_dir or (str(SHARED / "models/stories260K") if (SHARED / "models/stories260K").is_dir() else None)
     if model_dir:
         model, tok = load_model_and_tokenizer(resolve_model(model_dir))

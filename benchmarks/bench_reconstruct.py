@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from gqaprune.models import decoder_layers
+from gqaprune.arch import decoder_layers
 from gqaprune.structured import reconstruct as rc
 from gqaprune.structured.plan import LayerPlan, PruningPlan
 from gqaprune.structured.units import model_shapes

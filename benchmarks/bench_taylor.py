@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gqaprune import data
-from gqaprune.models import load_model_and_tokenizer, resolve_model
+from gqaprune.loading import load_model_and_tokenizer, resolve_model
 from gqaprune.structured.importance import ScoreSettings, taylor_scores
 
 SHARED_STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"

@@ -16,17 +16,12 @@ from pathlib import Path
 
 import torch
 
+from gqaprune.arch import (BIAS_KEYS, CFG_BASE_MODEL_TYPE, LAYER_SIZE_KEYS, REMOTE_PREFIX,
+                           base_model_type)
 from gqaprune.remote import modeling_gqaprune as remote
-from gqaprune.structured.reconstruct import CFG_DOWN_BIAS, CFG_O_BIAS
-from gqaprune.structured.surgery import CFG_LAYER_HEADS, CFG_LAYER_INTER, CFG_LAYER_KV
 from gqaprune.structured.units import model_shapes
 
 REMOTE_FILE = "modeling_gqaprune.py"
-REMOTE_PREFIX = "gqaprune_"
-
-
-def base_model_type(config) -> str:
-    return getattr(config, "gqaprune_base_model_type", None) or config.model_type.removeprefix(REMOTE_PREFIX)
 
 
 def needs_remote_code(model) -> bool:
@@ -34,8 +29,7 @@ def needs_remote_code(model) -> bool:
     shapes = model_shapes(model)
     uniform = len({(s.n_heads, s.n_kv, s.intermediate) for s in shapes}) == 1
     divisible = shapes[0].hidden % shapes[0].n_heads == 0
-    added_bias = any(getattr(model.config, CFG_O_BIAS, None) or []) or \
-        any(getattr(model.config, CFG_DOWN_BIAS, None) or [])
+    added_bias = any(any(getattr(model.config, key, None) or []) for key in BIAS_KEYS)
     return not (uniform and divisible) or added_bias
 
 
@@ -43,7 +37,7 @@ def _remote_config(cfg: dict, base: str) -> dict:
     conf_cls, model_cls = remote.CLASSES[base]
     module = REMOTE_FILE.removesuffix(".py")
     cfg.update(model_type=conf_cls.model_type, architectures=[model_cls.__name__],
-               gqaprune_base_model_type=base,
+               **{CFG_BASE_MODEL_TYPE: base},
                auto_map={"AutoConfig": f"{module}.{conf_cls.__name__}",
                          "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"})
     return cfg
@@ -76,7 +70,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, local_files
     if cfg_path.is_file():
         cfg = json.loads(cfg_path.read_text())
         if str(cfg.get("model_type", "")).startswith(REMOTE_PREFIX):
-            _, model_cls = remote.CLASSES[cfg.get("gqaprune_base_model_type") or
+            _, model_cls = remote.CLASSES[cfg.get(CFG_BASE_MODEL_TYPE) or
                                           cfg["model_type"].removeprefix(REMOTE_PREFIX)]
             return model_cls.from_pretrained(str(path), dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
@@ -84,5 +78,4 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, local_files
 
 def layer_sizes(config) -> dict:
     """Per-layer sizes recorded in a pruned config (empty for an unpruned one)."""
-    return {k: getattr(config, k) for k in (CFG_LAYER_HEADS, CFG_LAYER_KV, CFG_LAYER_INTER)
-            if getattr(config, k, None) is not None}
+    return {k: getattr(config, k) for k in LAYER_SIZE_KEYS if getattr(config, k, None) is not None}

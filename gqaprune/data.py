@@ -7,15 +7,14 @@ built-in ``demo`` corpus work offline.
 from __future__ import annotations
 
 import json
-import os
-import socket
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from gqaprune.demo_corpus import demo_texts
 from gqaprune.errors import UserError
+from gqaprune.hub import hub_reachable
 
 SOURCES: dict[str, Callable[[str], list[str]]] = {}
 HUB_SOURCES: set[str] = set()
@@ -28,29 +27,6 @@ def register_source(name: str, hub: bool = True):
             HUB_SOURCES.add(name)
         return fn
     return deco
-
-
-def _offline_flag() -> bool:
-    return any(os.environ.get(v, "0") not in ("0", "", "false", "False")
-               for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-@lru_cache(maxsize=1)
-def _probe_hub(timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def hub_reachable() -> bool:
-    """False when offline is requested (HF_*_OFFLINE) or one quick TCP probe fails, so an
-    offline machine fails at once instead of after the hub client's retries."""
-    return not _offline_flag() and _probe_hub()
-
-
-hub_reachable.cache_clear = _probe_hub.cache_clear  # type: ignore[attr-defined]
 
 
 def _load_hub(name: str, *args, **kwargs):
@@ -118,7 +94,6 @@ def mixed(split: str) -> list[str]:
 
 @register_source("demo", hub=False)
 def demo(split: str) -> list[str]:
-    from gqaprune.demo import demo_texts
     return demo_texts("train" if split == "train" else "validation")
 
 

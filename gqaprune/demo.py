@@ -27,7 +27,6 @@ Python versions; ``demo_info.json`` records the version and a hash of the corpus
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from gqaprune.demo_corpus import HOLDOUT_EVERY, corpus_sha256, demo_texts
+
 DEMO_VERSION = "v1"           # bump when anything below changes the trained weights
 CACHE_ENV = "GQAPRUNE_CACHE"
 DEFAULT_STEPS = 700           # ~0.086 s/step on 2 idle CPU cores -> ~60 s of training
@@ -47,34 +48,10 @@ SEQ_LEN = 128                 # training and evaluation window length (tokens)
 BATCH_SIZE = 16
 PEAK_LR = 6e-3
 WEIGHT_DECAY = 0.1
-HOLDOUT_EVERY = 20            # every 20th topic (by sorted name) is held out: ~5% of topics
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")  # ids 0, 1, 2, 3
 UNK, BOS, EOS, PAD = SPECIAL_TOKENS
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", "demo_info.json")
-
-
-# ----------------------------------------------------------------------------- corpus
-
-def demo_texts(split: str) -> list[str]:
-    """The pydoc topic texts of one split: ``"train"`` (~95%) or ``"validation"`` (~5%).
-
-    Topics are sorted by name; every ``HOLDOUT_EVERY``-th one (positions 0, 20, 40, ...)
-    is held out, which spreads the held-out pages over the whole reference.
-    """
-    from pydoc_data.topics import topics
-
-    if split not in ("train", "validation"):
-        from gqaprune.errors import UserError
-        raise UserError(f"unknown demo split '{split}'", "use 'train' or 'validation'")
-    held_out = split == "validation"
-    return [topics[name] for i, name in enumerate(sorted(topics))
-            if (i % HOLDOUT_EVERY == 0) == held_out]
-
-
-def _corpus_sha256() -> str:
-    text = "\x00".join(demo_texts("train") + ["\x01"] + demo_texts("validation"))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------- tokenizer
@@ -227,7 +204,7 @@ def train_demo_model(seed: int = 0, steps: int = DEFAULT_STEPS,
                            f"{HOLDOUT_EVERY}th topic by sorted name, each as '<s> text </s>'), "
                            f"no context carried across windows; uniform baseline = {VOCAB_SIZE}"),
         "corpus": "pydoc_data.topics.topics",
-        "corpus_sha256": _corpus_sha256(),
+        "corpus_sha256": corpus_sha256(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
     }

@@ -22,7 +22,7 @@ from gqaprune.evaluation import speed as speed_mod
 from gqaprune.evaluation import tasks as offline
 from gqaprune.evaluation import zeroshot
 from gqaprune.evaluation.perplexity import PplProtocol, perplexity
-from gqaprune.models import (DEMO_ALIAS, load_model_and_tokenizer, resolve_device, resolve_dtype,
+from gqaprune.loading import (DEMO_ALIAS, load_model_and_tokenizer, resolve_device, resolve_dtype,
                              resolve_model)
 from gqaprune.utils import seed_everything
 from prune_entry.common import Parser, boolean, optional_int, optional_str, raw_flags

@@ -24,7 +24,8 @@ import pandas as pd
 from gqaprune import checkpoint, data
 from gqaprune import finetune as ft
 from gqaprune.errors import UserError
-from gqaprune.models import (count_parameters, load_model_and_tokenizer, resolve_device, resolve_dtype,
+from gqaprune.arch import count_parameters
+from gqaprune.loading import (load_model_and_tokenizer, resolve_device, resolve_dtype,
                              resolve_model)
 from gqaprune.templates import AUTO, TEMPLATES
 from gqaprune.utils import peak_memory_mb, reset_peak_memory, seed_everything

@@ -15,7 +15,8 @@ import pandas as pd
 
 from gqaprune import checkpoint, data
 from gqaprune.errors import UserError
-from gqaprune.models import (ModelSpec, count_parameters, load_model_and_tokenizer, resolve_device,
+from gqaprune.arch import count_parameters
+from gqaprune.loading import (ModelSpec, load_model_and_tokenizer, resolve_device,
                              resolve_dtype, resolve_model)
 from gqaprune.plots import layer_summary_figure
 from gqaprune.structured import methods

@@ -30,7 +30,7 @@ import pandas as pd
 
 from gqaprune import data
 from gqaprune.errors import UserError
-from gqaprune.models import DEMO_ALIAS, resolve_model
+from gqaprune.loading import DEMO_ALIAS, resolve_model
 from gqaprune.structured import methods
 from prune_entry import evaluate, prune
 from prune_entry.common import Parser, boolean, optional_str, raw_flags

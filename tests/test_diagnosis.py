@@ -9,7 +9,8 @@ from gqaprune.structured.diagnosis import (diagnose, diagnosis_figure, rates_fig
 from gqaprune.structured.importance import (UnitScores, gradient_stats,
                                             taylor_from_grads, taylor_scores, ScoreSettings)
 from gqaprune.structured.plan import LayerPlan, PruningPlan
-from gqaprune.structured.units import LayerShape, layer_parameters, prunable_parameters
+from gqaprune.arch import layer_parameters, prunable_parameters
+from gqaprune.structured.units import LayerShape
 
 SHAPE = LayerShape(4, 4, 2, 8, 20)    # group cost (1+2)*2*8 + 2*8 = 64; channel 24
 

@@ -96,7 +96,7 @@ def test_end_to_end_on_a_tiny_model(assets):
     assert run.info.status == "FINISHED" and t[schema.TAG_STAGE] == "eval"
     assert t[schema.TAG_SOURCE_URI] == str(assets["model"])
     # Perplexity equals a direct computation under the logged protocol.
-    from gqaprune.models import load_model_and_tokenizer, resolve_model
+    from gqaprune.loading import load_model_and_tokenizer, resolve_model
     model, tok = load_model_and_tokenizer(resolve_model(str(assets["model"])))
     want = perplexity(model, data.eval_stream(tok, str(assets["corpus"]), "test"),
                       PplProtocol("st", "test", 32, None, True), tok.bos_token_id, show_progress=False)
@@ -189,7 +189,7 @@ def test_bad_input_exits_2_and_fails_the_run(assets, capsys, case, argv, message
 
 def test_model_facts_and_speed_protocol(assets):
     from gqaprune.evaluation.speed import measure_speed, model_facts
-    from gqaprune.models import load_model_and_tokenizer, resolve_model
+    from gqaprune.loading import load_model_and_tokenizer, resolve_model
     model, _ = load_model_and_tokenizer(resolve_model(str(assets["model"])))
     facts = model_facts(model, assets["model"])
     n_params = sum(p.numel() for p in model.parameters())

@@ -7,7 +7,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqaprune.structured.importance import (UnitScores, accumulate_gradients, magnitude_scores,
                                             random_scores, taylor_from_grads, ScoreSettings)
-from gqaprune.structured.units import LayerShape, group_rows, layer_parameters, model_shapes
+from gqaprune.arch import layer_parameters
+from gqaprune.structured.units import LayerShape, group_rows, model_shapes
 
 
 def one_layer(n_heads=2, n_kv=2, hd=2, hidden=4, inter=3):

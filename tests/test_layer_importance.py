@@ -103,7 +103,7 @@ def test_identity_layer_has_zero_removal_and_lowest_activation_importance(family
 @needs_shared
 def test_identity_layer_is_least_important_in_a_trained_model():
     from gqaprune import data
-    from gqaprune.models import load_model_and_tokenizer, resolve_model
+    from gqaprune.loading import load_model_and_tokenizer, resolve_model
     model, tok = load_model_and_tokenizer(resolve_model(str(STORIES)))
     ids = data.calibration_batches(tok, str(TINYSTORIES), 8, 64, seed=0)
     dense, _, _, _ = removal_importance(model, ids, "layer", batch_size=4)

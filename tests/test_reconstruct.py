@@ -12,9 +12,10 @@ from transformers import AutoModelForCausalLM
 from conftest import GQA_SHAPES, make_tiny_model
 from gqaprune import checkpoint
 from gqaprune.errors import UserError
-from gqaprune.models import decoder_layers
+from gqaprune.arch import decoder_layers
 from gqaprune.structured.plan import LayerPlan, PruningPlan
-from gqaprune.structured.reconstruct import (CFG_DOWN_BIAS, CFG_O_BIAS, NormalEquations,
+from gqaprune.arch import CFG_DOWN_BIAS, CFG_O_BIAS
+from gqaprune.structured.reconstruct import (NormalEquations,
                                              ReconstructSettings, ShiftStats, prune_and_reconstruct)
 from gqaprune.structured.surgery import apply_plan
 from gqaprune.structured.units import group_rows, model_shapes

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from gqaprune.models import count_parameters
+from gqaprune.arch import count_parameters
 from gqaprune.utils import peak_memory_mb, reset_peak_memory
 
 

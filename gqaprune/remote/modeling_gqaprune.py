@@ -17,6 +17,13 @@ from torch import nn
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
+# Literal copies of gqaprune.arch.CFG_* (this file may import nothing of gqaprune; a test pins them).
+CFG_LAYER_HEADS = "gqaprune_layer_num_heads"
+CFG_LAYER_KV = "gqaprune_layer_num_kv_heads"
+CFG_LAYER_INTER = "gqaprune_layer_intermediate_sizes"
+CFG_O_BIAS = "gqaprune_layer_o_proj_bias"
+CFG_DOWN_BIAS = "gqaprune_layer_down_proj_bias"
+
 
 def _linear(old: nn.Linear, in_features: int, out_features: int, bias=None) -> nn.Linear:
     bias = old.bias is not None if bias is None else bool(bias)
@@ -26,11 +33,11 @@ def _linear(old: nn.Linear, in_features: int, out_features: int, bias=None) -> n
 
 def resize_decoder_layers(model, config) -> None:
     """Give layer i ``heads[i]`` query heads, ``kv[i]`` KV heads and ``inter[i]`` MLP channels."""
-    heads = getattr(config, "gqaprune_layer_num_heads", None)
-    kv = getattr(config, "gqaprune_layer_num_kv_heads", None)
-    inter = getattr(config, "gqaprune_layer_intermediate_sizes", None)
-    o_bias = getattr(config, "gqaprune_layer_o_proj_bias", None)
-    down_bias = getattr(config, "gqaprune_layer_down_proj_bias", None)
+    heads = getattr(config, CFG_LAYER_HEADS, None)
+    kv = getattr(config, CFG_LAYER_KV, None)
+    inter = getattr(config, CFG_LAYER_INTER, None)
+    o_bias = getattr(config, CFG_O_BIAS, None)
+    down_bias = getattr(config, CFG_DOWN_BIAS, None)
     if heads is None or kv is None or inter is None:
         if o_bias is None and down_bias is None:
             return

@@ -13,9 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from gqaprune.errors import UserError
-from gqaprune.models import decoder_layers
-from gqaprune.structured.units import (LayerShape, layer_parameters, model_shapes,
-                                       prunable_parameters, unit_views)
+from gqaprune.arch import decoder_layers, layer_parameters, prunable_parameters
+from gqaprune.structured.units import LayerShape, model_shapes, unit_views
 
 
 @dataclass

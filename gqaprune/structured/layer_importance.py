@@ -19,9 +19,9 @@ Two measures, both over calibration samples ``ids`` [N, T]:
   for a layer (h_in -> h_out), the attention block (h_in -> h_mid) or the MLP block
   (h_mid -> h_out). One forward pass in total.
 
-Cost of ``removal`` (why it meets "one forward pass per layer"): the embeddings and decoder layers
-are run by hand, once, and the hidden state entering layer l is reused for the branch that skips
-l: the branch runs only layers l+1..L-1 plus the final norm and LM head. Per mini-batch:
+Cost of ``removal`` (why it meets "one forward pass per layer"): the decoder layers run once, layer
+by layer, and the hidden state entering layer l is reused for the branch that skips l: the branch
+runs only layers l+1..L-1 plus the final norm and LM head. Per mini-batch:
 
 * layer granularity: L (base pass) + sum_l (L-1-l) = L(L+1)/2 decoder-layer forwards and L+1 head
   evaluations, i.e. (L+1)/2 full forward passes for L layers (naive re-running: L passes).
@@ -30,13 +30,12 @@ l: the branch runs only layers l+1..L-1 plus the final norm and LM head. Per min
 
 Plus one check: on the first mini-batch the hand-run loss is compared with ``model(...).loss``
 (one extra forward), so an architecture whose forward differs is caught instead of silently
-producing wrong importances. Only one hidden state per branch is alive at a time (memory
-O(batch * T * hidden), not O(L * ...)).
+producing wrong importances. Memory: the calibration set's hidden states entering layer 0, and
+one hidden state per branch of one mini-batch.
 
-Rotary embeddings and the causal mask are built exactly as ``LlamaModel`` / ``Qwen2Model`` /
-``MistralModel.forward`` do in transformers 5: ``rotary_emb(h, position_ids)``,
-``create_causal_mask`` per layer type and ``create_sliding_window_causal_mask`` for sliding layers
-(Qwen2 ``layer_types``) or a Mistral ``sliding_window``.
+Masks, rotary embeddings and per-layer sliding windows (Qwen2 ``layer_types``, Mistral
+``sliding_window``) are not rebuilt here: the layer walker (``gqaprune.calibrate.capture``) records
+what the model's own forward passes each layer, and the layers run with exactly those kwargs.
 """
 from __future__ import annotations
 
@@ -50,7 +49,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gqaprune.errors import UserError
-from gqaprune.models import decoder_layers
+from gqaprune import arch
+from gqaprune.calibrate import capture, next_token_nll, run_from
 from gqaprune.structured.units import LayerShape, model_shapes
 
 IMPORTANCE_METHODS = ("removal", "activation")
@@ -128,85 +128,23 @@ def _identity(name: str) -> str:
     return str(p.resolve()) if p.exists() else name
 
 
-# ---- running the backbone by hand ------------------------------------------------------------
+# ---- helpers on the walker's captured inputs ---------------------------------------------------
 
-class Backbone:
-    """Embeddings, masks, rotary embeddings and the two residual halves of each decoder layer.
-
-    Mirrors ``LlamaModel.forward`` (same for Qwen2/Mistral) with no cache and no padding mask:
-    layer(h) = mlp_half(attn_half(h)), attn_half(h) = h + attn(input_norm(h)),
-    mlp_half(h) = h + mlp(post_attention_norm(h)).
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.layers = decoder_layers(model)
-        self.inner = _inner(model)
-        self.config = self.inner.config
-        self.head = model.get_output_embeddings()
-
-    def embed(self, ids: torch.Tensor):
-        """ids [B, T] -> (h [B, T, H], ctx = (per-layer masks, position_ids [1, T], (cos, sin)))."""
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-        h = self.inner.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        kw = dict(config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                  position_ids=pos)
-        types = self._layer_types()
-        built = {t: (create_sliding_window_causal_mask(**kw) if t == "sliding_attention"
-                     else create_causal_mask(**kw)) for t in set(types)}
-        pe = self.inner.rotary_emb(h, position_ids=pos)
-        return h, ([built[t] for t in types], pos, pe)
-
-    def _layer_types(self) -> list[str]:
-        n = len(self.layers)
-        types = getattr(self.config, "layer_types", None)
-        if types is not None:
-            return list(types)[:n]
-        sliding = getattr(self.config, "sliding_window", None) is not None  # Mistral
-        return ["sliding_attention" if sliding else "full_attention"] * n
-
-    def attn_half(self, i: int, h: torch.Tensor, ctx) -> torch.Tensor:
-        masks, pos, pe = ctx
-        layer = self.layers[i]
-        out, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), attention_mask=masks[i],
-                                 position_ids=pos, past_key_values=None, position_embeddings=pe)
-        return h + out
-
-    def mlp_half(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        layer = self.layers[i]
-        return h + layer.mlp(layer.post_attention_layernorm(h))
-
-    def run_from(self, start: int, h: torch.Tensor, ctx) -> torch.Tensor:
-        for i in range(start, len(self.layers)):
-            h = self.mlp_half(i, self.attn_half(i, h, ctx))
-        return h
-
-    def nll(self, h: torch.Tensor, ids: torch.Tensor) -> float:
-        """Summed next-token NLL over ids[:, 1:] given the last hidden state h [B, T, H]."""
-        logits = self.head(self.inner.norm(h))[:, :-1]          # [B, T-1, V]
-        return float(F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(),
-                                     reduction="sum"))
+def _check_architecture_of(model) -> None:
+    for part in ("final norm", "LM head"):
+        try:
+            arch.final_norm(model) if part == "final norm" else arch.lm_head(model).weight
+        except (AttributeError, UserError) as exc:
+            raise UserError(f"layer importance needs a Llama/Qwen2/Mistral-style backbone (no {part})",
+                            "use a supported architecture") from exc
 
 
-def _inner(model):
-    inner = model
-    for attr in ("base_model", "model"):
-        while hasattr(inner, attr) and not hasattr(inner, "layers"):
-            inner = getattr(inner, attr)
-    for name in ("embed_tokens", "norm", "rotary_emb", "layers"):
-        if not hasattr(inner, name):
-            raise UserError(f"layer importance needs a Llama/Qwen2/Mistral-style backbone (no '{name}')",
-                            "use a supported architecture")
-    return inner
-
-
-def _check_reproduces_forward(model, bb: Backbone, ids: torch.Tensor, nll_sum: float) -> None:
-    """The hand-run base loss must equal the model's own loss (else importances are wrong)."""
+def _check_reproduces_forward(model, ids: torch.Tensor, nll_sum: float) -> None:
+    """The layer-by-layer base loss must equal the model's own loss (else importances are wrong)."""
     ref = float(model(input_ids=ids, labels=ids).loss) * ids[:, 1:].numel()
     tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
     if not math.isclose(nll_sum, ref, rel_tol=tol, abs_tol=tol):
-        raise RuntimeError(f"hand-run forward gives loss {nll_sum:.6g}, model.forward {ref:.6g}: "
+        raise RuntimeError(f"layer-by-layer forward gives loss {nll_sum:.6g}, model.forward {ref:.6g}: "
                            f"{type(model).__name__} is not a Llama/Qwen2/Mistral-style forward")
 
 
@@ -218,28 +156,29 @@ def removal_importance(model, ids: torch.Tensor, granularity: str = "layer",
 
     ids: LongTensor [N, T]. Returns (layer [L] | None, attn [L] | None, mlp [L] | None, details).
     """
-    bb = Backbone(model)
-    n = len(bb.layers)
-    device = next(model.parameters()).device
+    _check_architecture_of(model)
+    layers = arch.decoder_layers(model)
+    n = len(layers)
+    device = arch.model_device(model)
     base, skip = 0.0, {k: [0.0] * n for k in (("layer",) if granularity == "layer" else ("attn", "mlp"))}
     layer_fw = heads = 0
     with torch.no_grad():
-        for b, start in enumerate(tqdm(range(0, ids.shape[0], batch_size), desc="layer importance (removal)",
-                                       leave=False)):
-            batch = ids[start: start + batch_size].to(device)
-            h, ctx = bb.embed(batch)
+        cap = capture(model, ids, batch_size)   # layer-0 inputs + each layer's kwargs, per chunk
+        for b, (chunk, h, kw) in enumerate(tqdm(list(zip(cap.chunks, cap.hidden, cap.kwargs)),
+                                                desc="layer importance (removal)", leave=False)):
+            batch = chunk.to(device)
             for i in range(n):
-                mid = bb.attn_half(i, h, ctx)
-                out = bb.mlp_half(i, mid)
+                mid = arch.attn_half(layers[i], h, kw[i])
+                out = arch.mlp_half(layers[i], mid)
                 if granularity == "layer":
-                    skip["layer"][i] += bb.nll(bb.run_from(i + 1, h, ctx), batch)
+                    skip["layer"][i] += next_token_nll(model, run_from(model, i + 1, h, kw), batch)
                 else:
-                    skip["attn"][i] += bb.nll(bb.run_from(i + 1, bb.mlp_half(i, h), ctx), batch)
-                    skip["mlp"][i] += bb.nll(bb.run_from(i + 1, mid, ctx), batch)
+                    skip["attn"][i] += next_token_nll(model, run_from(model, i + 1, arch.mlp_half(layers[i], h), kw), batch)
+                    skip["mlp"][i] += next_token_nll(model, run_from(model, i + 1, mid, kw), batch)
                 h = out
-            nll_b = bb.nll(h, batch)
+            nll_b = next_token_nll(model, h, batch)
             if b == 0:
-                _check_reproduces_forward(model, bb, batch, nll_b)
+                _check_reproduces_forward(model, batch, nll_b)
             base += nll_b
             layer_fw += n + len(skip) * n * (n - 1) // 2 + (n / 2 if granularity == "block" else 0)
             heads += 1 + len(skip) * n
@@ -257,9 +196,8 @@ def removal_importance(model, ids: torch.Tensor, granularity: str = "layer",
 
 def activation_importance(model, ids: torch.Tensor, batch_size: int = 4) -> tuple[list, list, list, dict]:
     """Mean (1 - cos) between a layer's (block's) input and output over tokens 1..T-1. One pass."""
-    bb = Backbone(model)
-    n = len(bb.layers)
-    device = next(model.parameters()).device
+    layers = arch.decoder_layers(model)
+    n = len(layers)
     sums = {k: [0.0] * n for k in ("layer", "attn", "mlp")}
     count = 0
 
@@ -267,18 +205,16 @@ def activation_importance(model, ids: torch.Tensor, batch_size: int = 4) -> tupl
         return float((1 - F.cosine_similarity(a[:, 1:].float(), b[:, 1:].float(), dim=-1)).sum())
 
     with torch.no_grad():
-        for start in tqdm(range(0, ids.shape[0], batch_size), desc="layer importance (activation)",
-                          leave=False):
-            batch = ids[start: start + batch_size].to(device)
-            h, ctx = bb.embed(batch)
+        cap = capture(model, ids, batch_size)
+        for h, kw in tqdm(list(zip(cap.hidden, cap.kwargs)), desc="layer importance (activation)", leave=False):
             for i in range(n):
-                mid = bb.attn_half(i, h, ctx)
-                out = bb.mlp_half(i, mid)
+                mid = arch.attn_half(layers[i], h, kw[i])
+                out = arch.mlp_half(layers[i], mid)
                 sums["layer"][i] += change(h, out)
                 sums["attn"][i] += change(h, mid)
                 sums["mlp"][i] += change(mid, out)
                 h = out
-            count += batch.shape[0] * (batch.shape[1] - 1)
+            count += h.shape[0] * (h.shape[1] - 1)
     vals = {k: [v / count for v in s] for k, s in sums.items()}
     return vals["layer"], vals["attn"], vals["mlp"], {"tokens": count,
                                                       "cost": {"decoder_layer_forwards": n * -(-ids.shape[0] // batch_size)}}

@@ -34,17 +34,17 @@ Cost per layer: attention blocks of the pruned and dense layer (o_proj pass), bo
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from gqaprune.errors import UserError
-from gqaprune.models import decoder_layers
+from gqaprune import arch
+from gqaprune.arch import CFG_DOWN_BIAS, CFG_O_BIAS
+from gqaprune.calibrate import LayerWalker, StopForward
 from gqaprune.structured.plan import PruningPlan
 from gqaprune.structured.surgery import prune_layer, record_layer_sizes
 from gqaprune.structured.units import model_shapes
@@ -61,10 +61,8 @@ TARGETS = ("residual", "dense", "local")
 DEFAULT_TARGETS = {"none": "local", "lstsq": "residual", "bias": "local"}
 PROJECTIONS = ("o_proj", "down_proj")
 
-# Config keys (per-layer lists of bools) recording which o_proj / down_proj carry a bias; written
-# when reconstruction adds biases, read by checkpoint.py and the remote modeling code.
-CFG_O_BIAS = "gqaprune_layer_o_proj_bias"
-CFG_DOWN_BIAS = "gqaprune_layer_down_proj_bias"
+# Per-layer bool lists recording which o_proj / down_proj carry a bias (gqaprune.arch.CFG_O_BIAS,
+# CFG_DOWN_BIAS): written when reconstruction adds biases, read by checkpoint.py and remote code.
 
 AUTO_DAMPING_START = 1e-10   # first relative damping tried when a solve is singular
 AUTO_DAMPING_MAX = 1.0
@@ -194,56 +192,7 @@ class NormalEquations:
             rel = max(rel * 10, AUTO_DAMPING_START)
 
 
-# ---- running layers in isolation -------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def capture_layer_inputs(model, chunks: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[dict]]]:
-    """Hidden states entering layer 0 per chunk, and every layer's forward kwargs per chunk.
-
-    Layers receive masks / rotary embeddings from the model (Qwen2 and Mistral may give each
-    layer its own sliding-window mask), so kwargs are captured per layer. They only depend on the
-    chunk's shape: a full forward runs once per distinct shape, other chunks stop at layer 0.
-    """
-    layers = decoder_layers(model)
-    device = next(model.parameters()).device
-    cache: dict[tuple, list[dict]] = {}
-    hidden, kwargs_per_chunk = [], []
-    state: dict = {}
-
-    def hook(idx):
-        def pre(_mod, args, kwargs):
-            if idx == 0:
-                state["h"] = args[0] if args else kwargs["hidden_states"]
-                if state["shape"] in cache:
-                    raise _Stop
-            kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            state.setdefault("kw", []).append(kw)
-            if idx == len(layers) - 1:
-                raise _Stop
-        return pre
-
-    handles = [layer.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    try:
-        for ids in chunks:
-            state.clear()
-            state["shape"] = tuple(ids.shape)
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
-                pass
-            if state["shape"] not in cache:
-                cache[state["shape"]] = state["kw"]
-            hidden.append(state["h"].detach())
-            kwargs_per_chunk.append(cache[state["shape"]])
-    finally:
-        for h in handles:
-            h.remove()
-    return hidden, kwargs_per_chunk
-
-
+# ---- tracing one layer ------------------------------------------------------------------------
 @dataclass
 class _Trace:
     """Intermediate tensors of one decoder layer forward ([b, T, .] each)."""
@@ -269,7 +218,7 @@ def trace_layer(layer, h: torch.Tensor, kwargs: dict, attention_only: bool = Fal
         def fn(_m, args, out=None):
             setattr(tr, name, out if use_output else args[0])
             if stop:
-                raise _Stop
+                raise StopForward
         return fn
 
     handles = [layer.self_attn.o_proj.register_forward_pre_hook(save("o_in", False)),
@@ -280,7 +229,7 @@ def trace_layer(layer, h: torch.Tensor, kwargs: dict, attention_only: bool = Fal
     try:
         out = layer(h, **kwargs)
         tr.out = out[0] if isinstance(out, tuple) else out
-    except _Stop:
+    except StopForward:
         pass
     finally:
         for hd in handles:
@@ -289,9 +238,7 @@ def trace_layer(layer, h: torch.Tensor, kwargs: dict, attention_only: bool = Fal
     return tr
 
 
-def mlp_block(layer, mid: torch.Tensor) -> torch.Tensor:
-    """The MLP half of a decoder layer: residual after attention -> layer output."""
-    return mid + layer.mlp(layer.post_attention_layernorm(mid))
+mlp_block = arch.mlp_half   # the MLP half of a decoder layer: residual after attention -> output
 
 
 def _targets(proj: str, target: str, pruned: _Trace, dense: _Trace | None, dense_layer) -> torch.Tensor:
@@ -423,7 +370,7 @@ def record_bias_flags(model) -> bool:
 
     Flags make checkpoint.save_model choose the remote-code form, whose modeling file builds
     these biases (stock classes would silently drop them on load)."""
-    layers = decoder_layers(model)
+    layers = arch.decoder_layers(model)
     o = [layer.self_attn.o_proj.bias is not None for layer in layers]
     down = [layer.mlp.down_proj.bias is not None for layer in layers]
     if any(o) or any(down):
@@ -465,7 +412,7 @@ def prune_and_reconstruct(model, plan: PruningPlan, batches: torch.Tensor,
     check_calibration(plan, batches.numel(), settings)
     result = ReconstructResult(settings)
     t0 = time.perf_counter()
-    layers = decoder_layers(model)
+    layers = arch.decoder_layers(model)
     if settings.mode == "none":
         for layer, shape, lp in zip(layers, shapes, plan.layers):
             prune_layer(layer, shape, lp.kept_kv_groups, lp.kept_channels)
@@ -479,20 +426,19 @@ def prune_and_reconstruct(model, plan: PruningPlan, batches: torch.Tensor,
 
 
 def _reconstruct_layers(model, layers, shapes, plan, batches, settings, result) -> None:
-    """The layer loop: copy dense layer l, cut it, refit o_proj then down_proj, advance."""
-    hidden, kw = capture_layer_inputs(model, list(batches.split(settings.batch_size)))
-    streams = _Streams(list(hidden), None if settings.target == "local" else list(hidden), [])
-    bar = tqdm(total=len(layers), desc=f"reconstruct ({settings.mode})", disable=not settings.show_progress)
-    for i, (layer, shape, lp) in enumerate(zip(layers, shapes, plan.layers)):
-        dense_layer = copy.deepcopy(layer)                                   # one layer, not a model
-        prune_layer(layer, shape, lp.kept_kv_groups, lp.kept_channels)
-        streams.kwargs = [k[i] for k in kw]
+    """The layer loop on the walker: copy dense layer l, cut it, refit o_proj then down_proj."""
+    walker = LayerWalker(model, batches, settings.batch_size,
+                         dense="layer" if settings.target == "local" else "stream",
+                         progress=settings.show_progress, desc=f"reconstruct ({settings.mode})")
+    for step in walker:
+        shape, lp = shapes[step.index], plan.layers[step.index]
+        prune_layer(step.layer, shape, lp.kept_kv_groups, lp.kept_channels)
+        streams = _Streams(list(step.inputs), None if step.dense_inputs is None else list(step.dense_inputs),
+                           step.kwargs)
         for proj in PROJECTIONS:
-            result.reports.append(_refit(layer, dense_layer, proj, i, streams, settings))
-        advance(layer, streams)
-        del dense_layer
-        bar.update(1)
-    bar.close()
+            result.reports.append(_refit(step.layer, step.dense_layer, proj, step.index, streams, settings))
+        advance(step.layer, streams)
+        step.outputs, step.dense_outputs = streams.pruned, streams.dense
 
 
 def error_figure(rows: list[dict], title: str):

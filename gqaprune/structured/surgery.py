@@ -9,15 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gqaprune.models import decoder_layers
+from gqaprune.arch import CFG_LAYER_HEADS, CFG_LAYER_INTER, CFG_LAYER_KV, decoder_layers
 from gqaprune.structured.plan import PruningPlan
 from gqaprune.structured.units import group_rows, model_shapes
 
-# Config keys that record per-layer sizes of a non-uniform model (read by our loader and by
-# the remote modeling code shipped with such checkpoints).
-CFG_LAYER_HEADS = "gqaprune_layer_num_heads"
-CFG_LAYER_KV = "gqaprune_layer_num_kv_heads"
-CFG_LAYER_INTER = "gqaprune_layer_intermediate_sizes"
+# Per-layer sizes of a non-uniform model go into the config under gqaprune.arch.CFG_LAYER_* (read
+# by our loader and by the remote modeling code shipped with such checkpoints).
 
 
 @torch.no_grad()

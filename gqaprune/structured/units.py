@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gqaprune.models import decoder_layers
+from gqaprune.arch import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -118,19 +118,3 @@ def unit_views(layer, shape: LayerShape, fn):
     if shape.mlp_bias:
         mlp += [fn(mlp_mod.gate_proj.bias), fn(mlp_mod.up_proj.bias)]
     return attn, mlp
-
-
-PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-               ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-
-
-def layer_parameters(layer):
-    """The projection weights/biases of one decoder layer."""
-    for block, name in PROJECTIONS:
-        yield from getattr(getattr(layer, block), name).parameters()
-
-
-def prunable_parameters(model):
-    """The projection weights/biases of all decoder layers (the only tensors pruning touches)."""
-    for layer in decoder_layers(model):
-        yield from layer_parameters(layer)

@@ -1,4 +1,7 @@
-"""Model aliases, loading, and the architecture facts pruning relies on."""
+"""Floor 4: model aliases, and loading a model + tokenizer (our own pruned checkpoints included).
+
+Architecture facts (decoder layers, projection names, checks) live on floor 0, ``gqaprune.arch``.
+"""
 from __future__ import annotations
 
 import json
@@ -8,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from gqaprune.data import hub_reachable
+from gqaprune import checkpoint
+from gqaprune.arch import check_architecture
 from gqaprune.errors import UserError
+from gqaprune.hub import hub_reachable
 
-# Decoder layers with q/k/v/o + gate/up/down projections (Qwen2 adds q/k/v biases).
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 DEMO_ALIAS = "demo"
 
 
@@ -137,8 +140,6 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32
     """Load a causal LM and its tokenizer; pruned checkpoints load through our own loader."""
     from transformers import AutoTokenizer
 
-    from gqaprune import checkpoint
-
     path = spec.path
     if spec.alias == DEMO_ALIAS and spec.path == DEMO_ALIAS:
         from gqaprune.demo import ensure_demo_model
@@ -174,37 +175,3 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32
         tokenizer.pad_token = tokenizer.eos_token
     check_architecture(model)
     return model.to(device).eval(), tokenizer
-
-
-def check_architecture(model) -> None:
-    """Only Llama/Qwen2/Mistral-style decoders (q/k/v/o + gate/up/down) can be pruned."""
-    mtype = getattr(model.config, "model_type", "?")
-    base = getattr(model.config, "gqaprune_base_model_type", mtype)
-    if base not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"unsupported architecture '{mtype}'",
-                        f"gqaprune prunes {', '.join(SUPPORTED_MODEL_TYPES)}-style decoder models")
-    layer = decoder_layers(model)[0]
-    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-        if not hasattr(layer.self_attn, name):
-            raise UserError(f"architecture '{mtype}' lacks self_attn.{name}",
-                            "only Llama/Qwen2/Mistral-style decoder layers are supported")
-    for name in ("gate_proj", "up_proj", "down_proj"):
-        if not hasattr(layer.mlp, name):
-            raise UserError(f"architecture '{mtype}' lacks mlp.{name}",
-                            "only Llama/Qwen2/Mistral-style decoder layers are supported")
-
-
-def decoder_layers(model):
-    """The ``nn.ModuleList`` of decoder layers of a *ForCausalLM (or its peft wrapper)."""
-    inner = model
-    for attr in ("base_model", "model"):
-        while hasattr(inner, attr) and not hasattr(inner, "layers"):
-            inner = getattr(inner, attr)
-    if not hasattr(inner, "layers"):
-        raise UserError("model has no decoder layers (model.layers)",
-                        "only Llama/Qwen2/Mistral-style causal LMs are supported")
-    return inner.layers
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
