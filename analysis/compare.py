@@ -1,13 +1,13 @@
 """Original vs pruned (and fine-tuned) models in one table, from eval runs in the tracking store.
 
-    python -m analysis.compare --original /path/dense --pruned <prune run id> [--pruned ...]
-        [--labels dense,taylor20] [--output_dir reports/] [any eval flag, e.g. --tasks offline]
+    python -m analysis.compare --original <eval run | model> --pruned <prune run id> [--pruned ...]
+        [--labels dense,taylor20] [--output_dir reports/]
 
-Each ``--original`` / ``--pruned`` is either the run id of an eval run (read from the store as
-is; eval flags do not apply to it) or a model: a prune/finetune run id, a ``runs:/`` or
-``models:/`` URI, an alias or a directory, which is evaluated first (a nested eval run of the
-analysis run, with the eval flags given here). Without ``--original`` the input model of the
-first pruned run's prune run is used.
+Read-only: each ``--original`` / ``--pruned`` is an eval run id, or a prune / finetune run id
+(``runs:/`` URI) whose latest finished eval run is used, or a model already evaluated in the store
+(an eval run whose ``model_uri`` is it). Without ``--original`` the input model of the first
+pruned run's prune run is used. To evaluate models on demand first, use the entry point
+``python -m prune_entry.compare`` (same flags plus any eval flag).
 
 Per pruned model the report lists every perplexity dataset, zero-shot task (the measure the
 eval run used: ``task_measures``), mean accuracy, parameters, size and speed with
@@ -22,8 +22,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gqaprune.errors import UserError
-from prune_entry.common import Parser, optional_str, raw_flags
+from tracking import UserError
+from tracking.cli import Parser, optional_str, raw_flags
 from tracking import runs, schema, store
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -68,7 +68,7 @@ def _csv(text: str | None) -> list[str]:
 def summary_of_run(run, label: str | None = None) -> EvalSummary:
     """An eval run (MLflow run entity) -> :class:`EvalSummary`."""
     m, p, t = run.data.metrics, run.data.params, run.data.tags
-    s = EvalSummary(run.info.run_id, label or default_label(run), p.get("model_uri", "?"),
+    s = EvalSummary(run.info.run_id, label or default_label(run), p.get(schema.P_MODEL_URI, "?"),
                     t.get(schema.TAG_SOURCE_RUN))
     for key in _csv(p.get(schema.P_PPL_RUN)):
         if schema.ppl_metric(key) in m:
@@ -80,19 +80,19 @@ def summary_of_run(run, label: str | None = None) -> EvalSummary:
         if measure and measure != "None" and schema.task_metric(task, measure) in m:
             s.tasks[task] = (measure, m[schema.task_metric(task, measure)])
     s.mean_acc = m.get(schema.M_ZS_MEAN)
-    s.zeroshot_protocol = {k: p.get(k, "?") for k in (schema.P_ACC_CONVENTION, "num_fewshot", "limit")}
+    s.zeroshot_protocol = {k: p.get(k, "?") for k in (schema.P_ACC_CONVENTION, schema.P_NUM_FEWSHOT, schema.P_LIMIT)}
     s.model = {k: m[k] for k in (schema.M_MODEL_PARAMS, schema.M_MODEL_DISK_MB) if k in m}
     if schema.M_MODEL_BYTES in m:
         s.model[MODEL_MEM_MB] = m[schema.M_MODEL_BYTES] / 2**20
     s.speed = {k: m[k] for k in (schema.M_SPEED_PREFILL, schema.M_SPEED_DECODE, schema.M_SPEED_LATENCY,
                                  schema.M_SPEED_PEAK_MEM) if k in m}
-    s.speed_protocol = p.get("speed_protocol")
+    s.speed_protocol = p.get(schema.P_SPEED_PROTOCOL)
     return s
 
 
 def default_label(run) -> str:
     t, p = run.data.tags, run.data.params
-    uri = p.get("model_uri", run.info.run_id)
+    uri = p.get(schema.P_MODEL_URI, run.info.run_id)
     short = uri[:8] if _RUN_ID.match(uri) else Path(uri.rstrip("/")).name or uri
     method = t.get(schema.TAG_METHOD)
     return f"{method} {short}" if method and method not in short else short
@@ -110,19 +110,33 @@ def is_run_id(source: str) -> bool:
     return bool(_RUN_ID.match(source)) and not Path(source).exists()
 
 
-def collect(source: str, eval_args: list[str], label: str | None, notes: list[str]) -> EvalSummary:
-    """An eval run id is read; anything else is evaluated first (nested eval run)."""
+ON_DEMAND_HINT = ("evaluate it first (python -m prune_entry.evaluate --model_uri <it>), or run "
+                  "python -m prune_entry.compare, which evaluates models on demand")
+
+
+def _eval_runs_of(source: str) -> list:
+    """Finished eval runs of a model: of a prune/finetune run (by source_run_id), else by model_uri."""
+    run_id = source if is_run_id(source) else _run_in_uri(source)
+    tags = {schema.TAG_STAGE: schema.STAGE_EVAL}
+    if run_id:
+        return store.find_runs_anywhere({**tags, schema.TAG_SOURCE_RUN: run_id})
+    return [r for r in store.find_runs_anywhere(tags) if r.data.params.get(schema.P_MODEL_URI) == source]
+
+
+def collect(source: str, label: str | None, notes: list[str]) -> EvalSummary:
+    """An eval run id is read; a model (run id, URI, alias, dir) is found by its latest eval run."""
     if is_run_id(source):
         run = _get_run(source)
         if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_EVAL:
             if run.info.status != "FINISHED":
                 raise UserError(f"eval run '{source}' is {run.info.status}", "pass a finished eval run")
-            if eval_args:
-                notes.append(f"{source[:8]} is an existing eval run: eval flags were not applied to it")
             return summary_of_run(run, label)
-    from prune_entry import evaluate  # lazy: heavy (torch, transformers, lm-eval)
-    child = evaluate.run_child(source, eval_args)
-    return summary_of_run(store.get_run(child), label)
+    found = _eval_runs_of(source)
+    if not found:
+        raise UserError(f"'{source}' has no finished eval run in the store ({runs.tracking_uri()})", ON_DEMAND_HINT)
+    if len(found) > 1:
+        notes.append(f"{source[:40]}: {len(found)} eval runs, the latest ({found[0].info.run_id[:8]}) is used")
+    return summary_of_run(found[0], label)
 
 
 def origin_of(source: str) -> str:
@@ -132,9 +146,9 @@ def origin_of(source: str) -> str:
         if not run_id:
             break
         run = _get_run(run_id)
-        if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_PRUNE and "model" in run.data.params:
-            return run.data.params["model"]
-        run_id = run.data.tags.get(schema.TAG_SOURCE_RUN) or _run_in_uri(run.data.params.get("model_uri", ""))
+        if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_PRUNE and schema.P_MODEL in run.data.params:
+            return run.data.params[schema.P_MODEL]
+        run_id = run.data.tags.get(schema.TAG_SOURCE_RUN) or _run_in_uri(run.data.params.get(schema.P_MODEL_URI, ""))
     raise UserError(f"cannot tell which model '{source}' was pruned from", "pass --original <model or eval run>")
 
 
@@ -244,17 +258,17 @@ def terminal_table(cmp: dict) -> str:
 def markdown(report: dict) -> str:
     lines = ["# Original vs pruned", ""]
     o = report["original"]
-    lines += [f"Original: **{o['label']}** (eval run `{o['run_id']}`, model `{o['model_uri']}`)", ""]
+    lines += [f"Original: **{o['label']}** (eval run `{o['run_id']}`, model `{o[schema.P_MODEL_URI]}`)", ""]
     for key, proto in o["ppl_protocol"].items():
         lines.append(f"- perplexity {key}: {proto}")
     zp = o["zeroshot_protocol"]
     if o["tasks"]:
-        lines.append(f"- zero-shot: {zp.get('num_fewshot')}-shot, limit {zp.get('limit')}, "
+        lines.append(f"- zero-shot: {zp.get(schema.P_NUM_FEWSHOT)}-shot, limit {zp.get(schema.P_LIMIT)}, "
                      f"score convention `{zp.get(schema.P_ACC_CONVENTION)}` (measure per task in the table)")
-    if o.get("speed_protocol"):
-        lines.append(f"- speed: {o['speed_protocol']}")
+    if o.get(schema.P_SPEED_PROTOCOL):
+        lines.append(f"- speed: {o[schema.P_SPEED_PROTOCOL]}")
     for cmp, p in zip(report["comparisons"], report["pruned"]):
-        lines += ["", f"## {cmp['pruned']}", "", f"Eval run `{p['run_id']}`, model `{p['model_uri']}`", "",
+        lines += ["", f"## {cmp['pruned']}", "", f"Eval run `{p['run_id']}`, model `{p[schema.P_MODEL_URI]}`", "",
                   f"| metric | {cmp['original']} | {cmp['pruned']} | difference | relative % |",
                   "|---|---:|---:|---:|---:|"]
         lines += [f"| {' | '.join(r)} |" for r in _table_rows(cmp)]
@@ -299,8 +313,8 @@ def build_report(original: EvalSummary, pruned: list[EvalSummary], notes: list[s
 
 # ------------------------------------------------------------------------------ entry point
 
-def build_parser() -> Parser:
-    p = Parser(prog="compare", description=__doc__.splitlines()[0])
+def build_parser(prog: str = "compare") -> Parser:
+    p = Parser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--original", type=optional_str, default=None,
                    help="eval run id, or a model (alias, dir, URI, prune/finetune run id); "
                         "default: the model the first --pruned was pruned from")
@@ -312,27 +326,35 @@ def build_parser() -> Parser:
     return p
 
 
-def parse(argv: list[str] | None):
-    """(compare options, eval flags passed through to evaluations)."""
-    args, extra = build_parser().parse_known_args(argv)
-    if extra:
-        from prune_entry import evaluate
-        evaluate.parse(["--model_uri", "x", *extra])  # unknown/invalid eval flags fail now
+def check_labels(args) -> list[str]:
+    """Split comma lists of --pruned (MLproject passes one value) and check the labels."""
+    args.pruned = [src for item in args.pruned for src in _csv(item)]
     labels = _csv(args.labels)
     if labels and len(labels) != 1 + len(args.pruned):
         raise UserError(f"{len(labels)} labels for {1 + len(args.pruned)} models",
                         "give one label for the original and one per --pruned")
-    return args, extra, labels
+    return labels
 
 
-def run(args, eval_args: list[str], labels: list[str]) -> dict:
+def parse(argv: list[str] | None):
+    """(compare options, labels)."""
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:
+        raise UserError(f"compare: unrecognized arguments: {' '.join(extra)}",
+                        "analysis.compare reads the store only; eval flags belong to python -m prune_entry.compare")
+    return args, check_labels(args)
+
+
+def run(args, labels: list[str], collect_fn=None, logged: dict | None = None) -> dict:
+    """Collect every source (``collect_fn(source, label, notes)``; default: from the store), compare,
+    log the reports to the active analysis run and write them to ``output_dir``."""
+    collect_fn = collect_fn or collect
     notes: list[str] = []
     original_src = args.original or origin_of(args.pruned[0])
-    runs.log_params({"original": original_src, "pruned": ",".join(args.pruned),
-                     "eval_args": " ".join(eval_args) or "none"})
+    runs.log_params({"original": original_src, "pruned": ",".join(args.pruned), **(logged or {})})
     label = lambda i: labels[i] if labels else None  # noqa: E731
-    original = collect(original_src, eval_args, label(0), notes)
-    pruned = [collect(src, eval_args, label(i + 1), notes) for i, src in enumerate(args.pruned)]
+    original = collect_fn(original_src, label(0), notes)
+    pruned = [collect_fn(src, label(i + 1), notes) for i, src in enumerate(args.pruned)]
     report = build_report(original, pruned, notes)
     for cmp in report["comparisons"]:
         print(terminal_table(cmp) + "\n")
@@ -344,9 +366,9 @@ def run(args, eval_args: list[str], labels: list[str]) -> dict:
     metrics = {}
     for i, cmp in enumerate(report["comparisons"]):
         for key, val in cmp["ppl_degradation"].items():
-            metrics[schema.metric_name(f"pruned_{i}", "ppl_ratio", key)] = val
+            metrics[schema.compare_metric(i, "ppl_ratio", key)] = val
         if cmp["param_reduction"] is not None:
-            metrics[schema.metric_name(f"pruned_{i}", "param_reduction")] = cmp["param_reduction"]
+            metrics[schema.compare_metric(i, "param_reduction")] = cmp["param_reduction"]
     runs.log_metrics(metrics)
     if args.output_dir:
         out = Path(args.output_dir)
@@ -360,7 +382,7 @@ def run(args, eval_args: list[str], labels: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """An analysis run in the analysis experiment: bad input -> one line, exit 2, run FAILED."""
     return runs.entry_point(schema.STAGE_ANALYSIS, lambda: parse(argv), lambda parsed: run(*parsed),
-                            run_name=lambda _: "compare", raw_params=raw_flags(argv),
+                            run_name=lambda _: schema.RUN_COMPARE, raw_params=raw_flags(argv),
                             experiment=schema.ANALYSIS_EXPERIMENT)
 
 

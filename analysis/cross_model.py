@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import query
-from gqaprune.errors import UserError
-from prune_entry.common import Parser, boolean, optional_str, raw_flags
+from tracking import UserError
+from tracking.cli import Parser, boolean, optional_str, raw_flags
 from tracking import runs, schema
 
 INDEX = ["method", "pruning_ratio", "stage"]

@@ -17,7 +17,7 @@ import torch
 
 from gqaprune import data
 from gqaprune.loading import load_model_and_tokenizer, resolve_model
-from gqaprune.structured.importance import ScoreSettings, taylor_scores
+from gqaprune.structured.scorers.taylor import taylor_scores
 
 SHARED_STORIES = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "stories260K"
 
@@ -70,10 +70,9 @@ def bench(name: str, samples: int, seq_len: int, batch_size: int, repeats: int) 
     model, tok = load_model_and_tokenizer(spec)
     source = "demo" if name == "demo" else str(SHARED_STORIES.parent.parent / "data" / "tinystories" / "tinystories_dev.txt")
     batches = data.calibration_batches(tok, source, samples, seq_len, seed=0)
-    settings = ScoreSettings(batch_size=batch_size)
     plain_fwd_bwd(model, batches[:batch_size], batch_size)        # warm-up
     floor, floor_mb = best_of(lambda: plain_fwd_bwd(model, batches, batch_size), repeats)
-    taylor, taylor_mb = best_of(lambda: taylor_scores(model, batches, settings), repeats)
+    taylor, taylor_mb = best_of(lambda: taylor_scores(model, batches, batch_size=batch_size), repeats)
     return {"model": name, "samples": samples, "seq_len": seq_len, "floor_s": floor,
             "taylor_s": taylor, "ratio": taylor / floor, "floor_mb": floor_mb, "taylor_mb": taylor_mb,
             "params": sum(p.numel() for p in model.parameters())}

@@ -7,26 +7,56 @@ built-in ``demo`` corpus work offline.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from gqaprune.config import Section, knob
 from gqaprune.demo_corpus import demo_texts
 from gqaprune.errors import UserError
 from gqaprune.hub import hub_reachable
+from gqaprune.registry import Registry
 
-SOURCES: dict[str, Callable[[str], list[str]]] = {}
+# name -> (split) -> list of texts
+SOURCES: Registry[Callable[[str], list[str]]] = Registry("dataset")
 HUB_SOURCES: set[str] = set()
+AUTO = "auto"
 
 
 def register_source(name: str, hub: bool = True):
     def deco(fn):
-        SOURCES[name] = fn
+        SOURCES.register(name, fn)
         if hub:
             HUB_SOURCES.add(name)
         return fn
     return deco
+
+
+def default_source(model_alias: str) -> str:
+    """What ``auto`` means: the demo corpus for the demo model, WikiText2 otherwise."""
+    return "demo" if model_alias == "demo" else "wikitext2"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(Section):
+    """calibration data (seeded random windows of the training split)"""
+    calibration_dataset: str = knob(AUTO, "auto (demo corpus for the demo model, else wikitext2), a "
+                                    "registered source, or a .txt/.jsonl/.json path")
+    taylor_num_samples: int = knob(128, "calibration windows for the scores", low=1)
+    taylor_seq_len: int = knob(128, "tokens per calibration window (BOS first)", low=1)
+    batch_size: int = knob(4, "windows per forward (and backward) pass", low=1)
+    seed: int = knob(0, "seed of the window sampling (and of random scores)")
+
+    def check(self) -> None:
+        name = self.calibration_dataset
+        if name != AUTO and name not in SOURCES and not Path(name).expanduser().is_file():
+            raise UserError(f"unknown calibration_dataset '{name}'",
+                            f"use auto, one of {', '.join(sorted(SOURCES))}, or an existing file path")
+
+    def source(self, model_alias: str) -> str:
+        return default_source(model_alias) if self.calibration_dataset == AUTO else self.calibration_dataset
 
 
 def _load_hub(name: str, *args, **kwargs):
@@ -128,6 +158,11 @@ def read_local_texts(path: str | Path) -> list[str]:
     return texts
 
 
+def is_available(name: str) -> bool:
+    """A registered source or an existing local file."""
+    return name in SOURCES or Path(name).expanduser().is_file()
+
+
 def is_local(name: str) -> bool:
     return name not in SOURCES and (Path(name).expanduser().exists() or "/" in name or
                                     Path(name).suffix in (".txt", ".jsonl", ".json"))
@@ -136,7 +171,7 @@ def is_local(name: str) -> bool:
 def load_texts(name: str, split: str = "train") -> list[str]:
     """Texts of a registered source or of a local file."""
     if name in SOURCES:
-        return SOURCES[name](split)
+        return SOURCES.get(name)(split)
     if is_local(name):
         return read_local_texts(name)
     raise UserError(f"unknown dataset '{name}'",

@@ -13,6 +13,7 @@ import torch
 
 from gqaprune import checkpoint
 from gqaprune.arch import check_architecture
+from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
 from gqaprune.hub import hub_reachable
 
@@ -120,6 +121,26 @@ def resolve_device(device: str) -> torch.device:
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
            "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    """the model to prune"""
+    model: str = knob(DEMO_ALIAS, "alias (Llama, Qwen-Instruct, ...), demo, HF id (org/name) or local directory")
+    models_file: str | None = knob(None, f"aliases file (JSON/YAML) that overrides the built-in aliases "
+                                   f"(default: ${ALIASES_ENV})")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(Section):
+    """where and in which precision the model runs"""
+    dtype: str = knob("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16",
+                      choices=("auto", *_DTYPES), kind="dtype")
+    device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+
+    def resolved(self) -> tuple[torch.device, torch.dtype]:
+        device = resolve_device(self.device)
+        return device, resolve_dtype(self.dtype, device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

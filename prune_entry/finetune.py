@@ -29,7 +29,7 @@ from gqaprune.loading import (load_model_and_tokenizer, resolve_device, resolve_
                              resolve_model)
 from gqaprune.templates import AUTO, TEMPLATES
 from gqaprune.utils import peak_memory_mb, reset_peak_memory, seed_everything
-from prune_entry.common import Parser, boolean, optional_int, optional_str, raw_flags
+from tracking.cli import Parser, boolean, optional_int, optional_str, raw_flags
 from tracking import runs, schema, store
 
 RESUME_CHOICES = ("auto", "true", "false")
@@ -319,7 +319,8 @@ def save_models(peft_model, tokenizer, cfg: FinetuneConfig) -> None:
 def eval_child(cfg: FinetuneConfig) -> str:
     """Run the eval entry point on the merged model as a child of this run."""
     from prune_entry import evaluate  # lazy: optional stage, heavy imports
-    child = evaluate.run_child(runs.artifact_uri(schema.A_FINETUNED_MODEL), shlex.split(cfg.eval_args or ""))
+    eval_cfg = evaluate.parse(["--model_uri", cfg.model_uri, *shlex.split(cfg.eval_args or "")])
+    child = evaluate.run_child(runs.artifact_uri(schema.A_FINETUNED_MODEL), eval_cfg)
     runs.set_tags({schema.TAG_FT_EVAL_RUN: child})
     return child
 

@@ -23,24 +23,29 @@ import json
 import math
 import shlex
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from gqaprune import data
+from gqaprune.config import Section, flat, knob, leaves, parse_flat
 from gqaprune.errors import UserError
+from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.loading import DEMO_ALIAS, resolve_model
+from gqaprune.pipeline import PruneConfig, applicable, readers_of
 from gqaprune.structured import methods
+from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from prune_entry import evaluate, prune
-from prune_entry.common import Parser, boolean, optional_str, raw_flags
+from tracking import cli
+from tracking.cli import Parser, boolean, raw_flags
 from tracking import runs, schema, store
 
-AXES = {"model": "models", "method": "methods", "pruning_ratio": "ratios"}  # PruneConfig field -> sweep key
-PRUNE_FIELDS = tuple(f.name for f in fields(prune.PruneConfig))
+AXES = {schema.P_MODEL: "models", schema.P_METHOD: "methods", schema.P_PRUNING_RATIO: "ratios"}  # PruneConfig field -> sweep key
+PRUNE_FIELDS = tuple(leaf.name for leaf in leaves(PruneConfig))
 # Flags a sweep sets itself (or that would make points overwrite each other).
 PRUNE_RESERVED = {"output_dir": "every point keeps its model in its run's pruned_model artifact"}
-EVAL_RESERVED = {"model_uri": "the sweep evaluates each point's pruned model",
+EVAL_RESERVED = {schema.P_MODEL_URI: "the sweep evaluates each point's pruned model",
                  "parent_run_id": "eval runs are nested under the search run already",
                  "output_dir": "every eval run logs eval_results.json as an artifact"}
 CONFIG_KEYS = ("models", "methods", "ratios", "grid", "prune_args", "eval", "eval_dense", "eval_args",
@@ -50,8 +55,8 @@ DEFAULTS = {"models": ["demo"], "methods": ["taylor"], "ratios": [0.2], "grid": 
 DENSE = schema.LABEL_DENSE  # method label of the dense (unpruned) baseline rows
 # Summary columns read from the children (schema names; ppl/<dataset> columns are added per dataset).
 PRUNE_COLUMNS = (schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER)
-RATIO = "pruning_ratio"     # the target ratio column: the prune parameter's name
-STATUS_COLUMNS = ("status", "resumed", "prune_run_id", "eval_run_id", "search_point", "error")
+RATIO = schema.P_PRUNING_RATIO     # the target ratio column: the prune parameter's name
+STATUS_COLUMNS = ("status", "resumed", "prune_run_id", "eval_run_id", schema.TAG_SEARCH_POINT, "error")
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,14 @@ class Point:
     method: str
     ratio: float
     grid: dict                  # this point's values of the grid parameters
-    prune_argv: list
+    prune: PruneConfig | None   # the point's prune settings (None for a dense eval)
     key: str                    # tag search_point: hash of the resolved PruneConfig + model path
-    eval_argv: list | None = None
+    eval: EvalConfig | None = None
     eval_key: str | None = None  # tag search_eval_key: hash of the resolved eval flags
     calibration: str = ""        # the calibration source the prune run will read
     dense: bool = False          # the eval of the unpruned model (no prune child, ratio 0)
+    given: dict = field(default_factory=dict)   # the prune settings the sweep set (as written)
+    eval_given: dict = field(default_factory=dict)  # the eval settings the sweep set (as written)
 
     def label(self) -> str:
         if self.dense:
@@ -124,34 +131,27 @@ class Sweep:
 
 # ------------------------------------------------------------------------------ flags and config
 
+@dataclass(frozen=True)
+class SearchArgs(Section):
+    """search: sweeps of pruning settings, each point a nested prune (+ eval) run"""
+    config: str | None = knob(None, "sweep YAML (models, methods, ratios, grid, prune_args, eval, eval_dense, "
+                              "eval_args, resume, stop_on_error); command-line values override it")
+    models: str | None = knob(None, "comma list of aliases / HF ids / dirs")
+    methods: str | None = knob(None, "comma list of pruning methods", )
+    ratios: str | None = knob(None, "comma list of pruning ratios in (0, 1)")
+    grid: str | None = knob(None, 'other prune parameters to sweep, JSON/YAML: \'{"reconstruct": ["none", "lstsq"]}\'')
+    prune_args: str | None = knob(None, 'prune flags shared by every point: "--reconstruct_samples 32 --seed 1" '
+                                  '(method-specific ones go only to the methods that read them)')
+    eval: bool | None = knob(None, "evaluate every pruned model")
+    eval_dense: bool | None = knob(None, "with eval: also evaluate each unpruned model, same eval flags (default true)")
+    eval_args: str | None = knob(None, 'eval flags: "--ppl_datasets wikitext2,ptb --tasks standard"')
+    resume: bool | None = knob(None, "reuse points that already FINISHED in this experiment (default true)")
+    stop_on_error: bool | None = knob(None, "stop (and fail the search) at the first failing point (default false)")
+    dry_run: bool = knob(False, "list the points, run nothing")
+
+
 def build_parser() -> Parser:
-    p = Parser(prog="search", description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=optional_str, default=None,
-                   help="sweep YAML (models, methods, ratios, grid, prune_args, eval, eval_dense, "
-                        "eval_args, resume, stop_on_error); command-line values override it")
-    p.add_argument("--models", type=optional_str, default=None, help="comma list of aliases / HF ids / dirs")
-    p.add_argument("--methods", type=optional_str, default=None,
-                   help=f"comma list of {', '.join(sorted(methods.METHODS))}")
-    p.add_argument("--ratios", type=optional_str, default=None, help="comma list of pruning ratios in (0, 1)")
-    p.add_argument("--grid", type=optional_str, default=None,
-                   help='other prune parameters to sweep, JSON/YAML: \'{"reconstruct": ["none", "lstsq"]}\'')
-    p.add_argument("--prune_args", type=optional_str, default=None,
-                   help='prune flags shared by every point: "--reconstruct_samples 32 --seed 1"')
-    p.add_argument("--eval", type=_optional_bool, default=None, help="evaluate every pruned model")
-    p.add_argument("--eval_dense", type=_optional_bool, default=None,
-                   help="with eval: also evaluate each unpruned model, same eval flags (default true)")
-    p.add_argument("--eval_args", type=optional_str, default=None,
-                   help='eval flags: "--ppl_datasets wikitext2,ptb --tasks standard"')
-    p.add_argument("--resume", type=_optional_bool, default=None,
-                   help="reuse points that already FINISHED in this experiment (default true)")
-    p.add_argument("--stop_on_error", type=_optional_bool, default=None,
-                   help="stop (and fail the search) at the first failing point (default false)")
-    p.add_argument("--dry_run", type=boolean, default=False, help="list the points, run nothing")
-    return p
-
-
-def _optional_bool(text: str) -> bool | None:
-    return None if str(text).strip().lower() in ("", "none", "null") else boolean(text)
+    return cli.parser_for("search", SearchArgs)
 
 
 def load_config(path: str) -> dict:
@@ -273,7 +273,7 @@ def _check_eval_args(eval_args: dict) -> None:
         if name in EVAL_RESERVED:
             raise UserError(f"'{name}' cannot be set in eval_args", EVAL_RESERVED[name])
     try:  # parse on a dummy model: unknown flags and bad values fail now
-        evaluate.parse(["--model_uri", DEMO_ALIAS, *_argv(eval_args)])
+        eval_config(DEMO_ALIAS, eval_args)
     except UserError as exc:
         raise UserError(f"eval_args: {exc}") from exc
 
@@ -301,7 +301,7 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
         config=cli["config"])
     for m in cfg.methods:
-        methods.get_method(m)
+        methods.method_spec(m)
     _check_prune_names(cfg.grid, "grid")
     _check_prune_names(cfg.prune_args, "prune_args")
     for model in cfg.models:
@@ -337,52 +337,88 @@ def eval_flags_for(model: str, eval_args: dict, models_file: str | None) -> dict
     The eval run sees a pruned checkpoint (a directory), not the alias, so its ``auto`` would pick
     the hub defaults even for the demo model; the search resolves ``auto`` for the original model.
     """
-    cfg = evaluate.parse(["--model_uri", DEMO_ALIAS, *_argv(eval_args)])
+    cfg = eval_config(DEMO_ALIAS, eval_args)
     if resolve_model(model, models_file).alias != DEMO_ALIAS:
         return dict(eval_args)
     out = dict(eval_args)
-    if cfg.ppl_datasets.strip().lower() == "auto":
-        out["ppl_datasets"] = ",".join(k if k == s else f"{k}={s}" for k, s in evaluate.ppl_sources(cfg, True))
-    if cfg.tasks.strip().lower() == "auto":
-        out["tasks"] = ",".join(evaluate.task_plan(cfg, True)[0]) or "none"
+    if cfg.ppl.ppl_datasets.strip().lower() == "auto":
+        out["ppl_datasets"] = ",".join(k if k == s else f"{k}={s}" for k, s in ppl_sources(cfg, True))
+    if cfg.zeroshot.tasks.strip().lower() == "auto":
+        out["tasks"] = ",".join(task_plan(cfg, True)[0]) or "none"
     return out
 
 
-def _eval_key(eval_argv: list[str]) -> str:
-    cfg = asdict(evaluate.parse(["--model_uri", DEMO_ALIAS, *eval_argv]))
+def eval_config(model_uri: str, eval_flags: dict) -> EvalConfig:
+    """The eval settings of a point: the sweep's eval flags, parsed as the eval command line would."""
+    return evaluate.parse(["--model_uri", model_uri, *_argv(eval_flags)])
+
+
+def _eval_key(cfg: EvalConfig) -> str:
+    values = flat(cfg)
     for name in EVAL_RESERVED:
-        cfg.pop(name, None)
-    return _hash(cfg)
+        values.pop(name, None)
+    return _hash(values)
+
+
+def _point_key(resolved: PruneConfig, model_path: str) -> str:
+    """Hash of the resolved prune settings (as every release so far has hashed them: the flat
+    leaves, without leaves added later at their default) and the model path."""
+    values = {k: v for k, v in flat(resolved).items() if not (k == "scorer" and v == methods.AUTO)}
+    return _hash({**values, schema.TAG_MODEL_PATH: model_path})
 
 
 def plan_points(cfg: SearchConfig) -> list[Point]:
-    """Every point, parsed exactly as its prune child will parse it (bad points fail here)."""
+    """Every point as a validated PruneConfig (bad points fail here). Method-specific settings go
+    only to the methods that read them; a setting no method of the sweep reads is refused."""
     grid_names = list(cfg.grid)
+    _check_applies(cfg)
     models_file = cfg.prune_args.get("models_file")
     eval_for = {m: eval_flags_for(m, cfg.eval_args, models_file) for m in cfg.models} if cfg.eval else {}
     points, seen = [], {}
     combos = itertools.product(cfg.models, cfg.methods, cfg.ratios, *(cfg.grid[g] for g in grid_names))
     for index, (model, method, ratio, *values) in enumerate(combos):
         grid = dict(zip(grid_names, values))
-        argv = ["--model", model, "--method", method, "--pruning_ratio", repr(ratio),
-                *_argv(cfg.prune_args), *_argv(grid)]
-        point = Point(index, model, method, ratio, grid, argv, key="")
+        raw = {schema.P_MODEL: model, schema.P_METHOD: method, RATIO: ratio, **cfg.prune_args, **grid}
+        point = Point(index, model, method, ratio, grid, None, key="")
         try:
-            resolved = prune.parse(argv)
+            point.prune, dropped = applicable(parse_flat(PruneConfig, raw))   # shared args: only what applies
+            prune.preflight(point.prune)
         except UserError as exc:
             raise UserError(f"sweep point '{point.label()}': {exc}") from exc
-        spec = resolve_model(model, resolved.models_file)
-        point.key = _hash({**asdict(resolved), "model_path": spec.path})
-        point.calibration = prune.calibration_source(resolved, spec)
+        point.grid = own_grid = {k: v for k, v in grid.items() if k not in dropped}
+        point.given = {k: v for k, v in raw.items() if k not in dropped}
+        spec = resolve_model(model, point.prune.model.models_file)
+        point.key = _point_key(point.prune, spec.path)
+        point.calibration = point.prune.calibration.source(spec.alias)
         if point.key in seen:
+            if own_grid != grid:     # a grid value this method does not read: one point is enough
+                continue
             raise UserError(f"points '{seen[point.key]}' and '{point.label()}' are the same prune run",
                             "remove the duplicate model / method / ratio / grid value")
         seen[point.key] = point.label()
         if cfg.eval:
-            point.eval_argv = _argv(eval_for[model])
-            point.eval_key = _eval_key(point.eval_argv)
+            point.eval_given = eval_for[model]
+            point.eval = eval_config(DEMO_ALIAS, point.eval_given)
+            point.eval_key = _eval_key(point.eval)
         points.append(point)
+    for i, p in enumerate(points):
+        p.index = i
     return points
+
+
+def _check_applies(cfg: SearchConfig) -> None:
+    """A method-specific setting (prune_args or grid) that none of the sweep's methods reads."""
+    given = set(cfg.prune_args) | set(cfg.grid)
+    scorer = cfg.prune_args.get("scorer", methods.AUTO)
+    unused = []
+    for section in METHOD_SECTIONS:
+        names = {leaf.name for leaf in leaves(type(getattr(StructuredConfig(), section)))} & given
+        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods):
+            unused += sorted(names)
+            readers = readers_of(section)
+    if unused:
+        raise UserError(f"{', '.join(unused)} apply to none of the sweep's methods ({', '.join(cfg.methods)})",
+                        f"drop them, or add a method that reads them ({', '.join(readers)})")
 
 
 def plan_dense(cfg: SearchConfig, points: list[Point]) -> list[Point]:
@@ -397,12 +433,13 @@ def plan_dense(cfg: SearchConfig, points: list[Point]) -> list[Point]:
     out = []
     for i, model in enumerate(cfg.models):
         first = next(p for p in points if p.model == model)
-        argv = list(first.eval_argv)
+        given = dict(first.eval_given)
         if models_file and "models_file" not in cfg.eval_args:  # the eval resolves the alias itself
-            argv += ["--models_file", models_file]
+            given["models_file"] = models_file
         path = resolve_model(model, models_file).path
-        out.append(Point(i, model, DENSE, 0.0, {}, [], key=_hash([path, DENSE, first.eval_key]),
-                         eval_argv=argv, eval_key=first.eval_key, dense=True))
+        out.append(Point(i, model, DENSE, 0.0, {}, None, key=_hash([path, DENSE, first.eval_key]),
+                         eval=eval_config(DEMO_ALIAS, given), eval_key=first.eval_key, dense=True,
+                         eval_given=given))
     return out
 
 
@@ -422,10 +459,9 @@ def preflight(sweep: Sweep) -> None:
     if not sweep.config.eval:
         return
     for model in sweep.config.models:
-        argv = next(p.eval_argv for p in sweep.points if p.model == model)
-        cfg = evaluate.parse(["--model_uri", "x", *argv])
-        evaluate.ppl_sources(cfg, is_demo=False)   # the eval run sees a pruned checkpoint
-        evaluate.task_plan(cfg, is_demo=False)
+        cfg = next(p.eval for p in sweep.points if p.model == model)
+        ppl_sources(cfg, is_demo=False)   # the eval run sees a pruned checkpoint
+        task_plan(cfg, is_demo=False)
 
 
 # ------------------------------------------------------------------------------ resume
@@ -492,7 +528,7 @@ def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
     if out.prune_run_id:
         out.resumed.append(schema.STAGE_PRUNE)
     else:
-        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune_argv, tags),
+        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune, tags),
                                        experiment_id, search_id, point)
         if err:
             out.status, out.error = "failed", f"prune: {err}"
@@ -503,7 +539,7 @@ def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
         else:
             uri = f"runs:/{out.prune_run_id}/{schema.A_PRUNED_MODEL}"
             out.eval_run_id, err = _child(schema.STAGE_EVAL,
-                                          lambda tags: evaluate.run_child(uri, point.eval_argv, tags),
+                                          lambda tags: evaluate.run_child(uri, point.eval, tags),
                                           experiment_id, search_id, point)
             if err:
                 out.status, out.error = "failed", f"eval: {err}"
@@ -523,7 +559,7 @@ def run_dense(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
         out.status = "reused"
     else:
         out.eval_run_id, err = _child(schema.STAGE_EVAL,
-                                      lambda tags: evaluate.run_child(point.model, point.eval_argv, tags),
+                                      lambda tags: evaluate.run_child(point.model, point.eval, tags),
                                       experiment_id, search_id, point)
         out.status, out.error = ("failed", f"eval: {err}") if err else ("finished", "")
     out.time_s = time.perf_counter() - t0
@@ -582,7 +618,7 @@ def _fmt(column: str, value) -> str:
     return str(value)
 
 
-def markdown_table(frame: pd.DataFrame, drop=("search_point",)) -> str:
+def markdown_table(frame: pd.DataFrame, drop=(schema.TAG_SEARCH_POINT,)) -> str:
     cols = [c for c in frame.columns if c not in drop and not (c == "error" and not frame[c].astype(bool).any())]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in frame.iterrows():
@@ -608,8 +644,8 @@ def protocol_text(outcomes: list[Outcome]) -> str:
             seen.add(("zs", o.point.model))
             lines.append(f"- `{schema.M_ZS_MEAN}` ({_short_model(o.point.model)}): mean over "
                          f"{params.get(schema.P_TASK_MEASURES)}; convention "
-                         f"{params.get(schema.P_ACC_CONVENTION)}, {params.get('num_fewshot')}-shot, "
-                         f"limit {params.get('limit')}")
+                         f"{params.get(schema.P_ACC_CONVENTION)}, {params.get(schema.P_NUM_FEWSHOT)}-shot, "
+                         f"limit {params.get(schema.P_LIMIT)}")
     return "\n".join(lines)
 
 
@@ -698,8 +734,9 @@ def _params(cfg: SearchConfig) -> dict:
 def _plan_dict(sweep: Sweep) -> list[dict]:
     """The grid points in order, then the dense evals (``"dense": true``, no prune args)."""
     return [{"index": p.index, "label": p.label(), "model": p.model, "method": p.method,
-             RATIO: p.ratio, "grid": p.grid, "search_point": p.key, "prune_args": p.prune_argv,
-             "eval_args": p.eval_argv, "search_eval_key": p.eval_key, "dense": p.dense}
+             RATIO: p.ratio, "grid": p.grid, schema.TAG_SEARCH_POINT: p.key,
+             "prune_args": _argv(p.given) if p.prune else [], "eval_args": _argv(p.eval_given) if p.eval else None,
+             schema.TAG_SEARCH_EVAL_KEY: p.eval_key, "dense": p.dense}
             for p in sweep.points + sweep.dense]
 
 
@@ -714,7 +751,7 @@ def dry_run(sweep: Sweep, experiment_id: str) -> None:
             eval_id = finished_eval(experiment_id, p, prune_id) if prune_id and p.eval_key else None
         reuse = "+".join(s for s, r in ((schema.STAGE_PRUNE, prune_id), (schema.STAGE_EVAL, eval_id)) if r)
         rows.append({"#": n, "model": p.model, "method": p.method, RATIO: p.ratio,
-                     **{g: p.grid.get(g) for g in sweep.config.grid}, "would_reuse": reuse, "prune_run_id": prune_id, "search_point": p.key})
+                     **{g: p.grid.get(g) for g in sweep.config.grid}, "would_reuse": reuse, "prune_run_id": prune_id, schema.TAG_SEARCH_POINT: p.key})
     table = markdown_table(pd.DataFrame(rows), drop=())
     runs.log_text(f"# Search plan (dry run)\n\n{table}\n", "search_plan.md")
     dense = f" + {len(sweep.dense)} dense eval(s)" if sweep.dense else ""

@@ -4,7 +4,7 @@ import torch
 
 from gqaprune.errors import UserError
 from gqaprune.structured.allocation import global_plan_layers, layer_range
-from gqaprune.structured.importance import UnitScores
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.plan import PruningPlan
 from gqaprune.structured.units import LayerShape
 

@@ -7,6 +7,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from analysis import compare
+from prune_entry import compare as entry_compare
 from gqaprune import data
 from gqaprune.evaluation import zeroshot
 from gqaprune.evaluation.speed import ModelFacts, SpeedResult
@@ -133,7 +134,7 @@ def test_compare_evaluates_models_from_a_prune_run(tmp_path):
         runs.log_params({"model": str(dense)})
         runs.log_dir(small, schema.A_PRUNED_MODEL)
     eval_flags = ["--tasks", "none", "--ppl_datasets", f"t={text}", "--ppl_seq_len", "16", "--speed", "false"]
-    assert compare.main(["--pruned", prune.info.run_id, "--output_dir", str(tmp_path / "rep"), *eval_flags]) == 0
+    assert entry_compare.main(["--pruned", prune.info.run_id, "--output_dir", str(tmp_path / "rep"), *eval_flags]) == 0
     report = json.loads((tmp_path / "rep" / schema.A_COMPARE_JSON).read_text())
     assert report["original"]["model_uri"] == str(dense)          # found through the prune run
     assert report["pruned"][0]["source_run_id"] == prune.info.run_id

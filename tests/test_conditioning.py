@@ -10,7 +10,7 @@ from gqaprune.errors import UserError
 from gqaprune.structured.allocation import global_plan_layers
 from gqaprune.structured.conditioning import (NORMALIZATIONS, Conditioning, block_rho, clip_keys,
                                               conditioned_keys, conditioned_plan, normalize_keys)
-from gqaprune.structured.importance import UnitScores
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.units import LayerShape
 
 GQA = [(4, 4), (8, 2), (8, 1)]
@@ -96,7 +96,7 @@ def test_temperature_zero_equals_plain_global_ranking(gqa, ratio, tau, seed):
     layers = range(len(shapes))
     kept, info = conditioned_plan(shapes, scores, ratio, layers, Conditioning(temperature=0.0, tau=tau))
     assert kept == global_plan_layers(shapes, scores, ratio, layers)
-    assert not any(r["gated"] for r in info["block_correction"])
+    assert not any(r.gated for r in info.block_correction)
 
 
 @pytest.mark.parametrize("gqa", GQA)
@@ -114,13 +114,13 @@ def test_large_temperature_balances_attention_and_mlp(gqa):
     scores.attn = [a * 1e-3 for a in scores.attn]
     plain, _ = conditioned_plan(shapes, scores, 0.3, range(4), Conditioning())
     bal, info = conditioned_plan(shapes, scores, 0.3, range(4), Conditioning(temperature=1e9))
-    for s, k, row in zip(shapes, bal, info["block_correction"]):
+    for s, k, row in zip(shapes, bal, info.block_correction):
         layer_rate = 1 - (len(k.kept_kv_groups) * s.group_cost + len(k.kept_channels) * s.channel_cost) / s.params
-        assert abs(row["attn_rate"] - layer_rate) <= s.group_cost / s.attn_params / 2 + 1e-9 or \
+        assert abs(row.attn_rate - layer_rate) <= s.group_cost / s.attn_params / 2 + 1e-9 or \
             len(k.kept_kv_groups) == 1                       # one group always stays
-    rows = info["block_correction"]
-    gap = sum(abs(r["attn_rate"] - r["mlp_rate"]) for r in rows)
-    gap_plain = sum(abs(r["attn_rate_global"] - r["mlp_rate_global"]) for r in rows)
+    rows = info.block_correction
+    gap = sum(abs(r.attn_rate - r.mlp_rate) for r in rows)
+    gap_plain = sum(abs(r.attn_rate_global - r.mlp_rate_global) for r in rows)
     assert gap <= gap_plain
     if gqa == (4, 4):       # fine enough attention granularity to see it move
         assert gap < gap_plain
@@ -147,7 +147,7 @@ def test_tau_gates_the_correction():
     open_gate, _ = conditioned_plan(shapes, scores, 0.3, range(4), Conditioning(temperature=1e9, tau=0.0))
     closed, info = conditioned_plan(shapes, scores, 0.3, range(4), Conditioning(temperature=1e9, tau=1.0))
     assert open_gate != plain
-    assert closed == plain and not any(r["gated"] for r in info["block_correction"])
+    assert closed == plain and not any(r.gated for r in info.block_correction)
 
 
 def test_block_rho_exact():

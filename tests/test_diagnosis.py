@@ -6,8 +6,9 @@ import torch
 from conftest import make_tiny_model
 from gqaprune.structured.diagnosis import (diagnose, diagnosis_figure, rates_figure, remedy,
                                            scale_ratio, verdict)
-from gqaprune.structured.importance import (UnitScores, gradient_stats,
-                                            taylor_from_grads, taylor_scores, ScoreSettings)
+from gqaprune.structured.rates import RateRow
+from gqaprune.structured.scorers.taylor import TaylorConfig, gradient_stats, taylor_from_grads, taylor_scores
+from gqaprune.structured.scoring import GradStat, UnitScores
 from gqaprune.structured.plan import LayerPlan, PruningPlan
 from gqaprune.arch import layer_parameters, prunable_parameters
 from gqaprune.structured.units import LayerShape
@@ -23,28 +24,28 @@ def _plan(method="taylor"):
 
 
 def _scores(grad_means=(0.1, 1e-4, 0.05), grad_norms=(2.0, 0.004, 1.0)):
-    stats = [{"grad_norm": n, "grad_mean": m} for n, m in zip(grad_norms, grad_means)]
+    stats = [GradStat(n, m) for n, m in zip(grad_norms, grad_means)]
     return UnitScores([torch.full((4,), 64.0 * k) for k in (1.0, 0.001, 0.5)],
                       [torch.full((20,), 24.0 * k) for k in (1.0, 0.001, 0.5)], 1.0,
-                      {"gradient_stats": stats})
+                      gradient_stats=stats)
 
 
 def test_diagnosis_exact_values():
     d = diagnose(_plan(), _scores())
-    assert d["grad_mean_ratio"] == pytest.approx(0.1 / 1e-4)
-    assert d["grad_norm_ratio"] == pytest.approx(2.0 / 0.004)
+    assert d.grad_mean_ratio == pytest.approx(0.1 / 1e-4)
+    assert d.grad_norm_ratio == pytest.approx(2.0 / 0.004)
     # per-parameter importance: every unit scores k * its cost -> layer mean importance is k
-    assert [r["mean_importance"] for r in d["layers"]] == pytest.approx([1.0, 0.001, 0.5])
-    assert d["mean_ratio"] == pytest.approx(1000.0)
-    assert d["extreme_pruning_layers"] == [1] and d["num_extreme_pruning_layers"] == 1
-    row1 = d["layers"][1]
-    assert row1["pruned_mlp_frac"] == pytest.approx(0.95) and row1["pruned_attn_frac"] == 0.0
-    assert row1["pruned_frac"] == pytest.approx(19 * 24 / (256 + 480))
+    assert [r.mean_importance for r in d.layers] == pytest.approx([1.0, 0.001, 0.5])
+    assert d.mean_ratio == pytest.approx(1000.0)
+    assert d.extreme_pruning_layers == [1] and d.num_extreme_pruning_layers == 1
+    row1 = d.layers[1]
+    assert row1.pruned_mlp_frac == pytest.approx(0.95) and row1.pruned_attn_frac == 0.0
+    assert row1.pruned_frac == pytest.approx(19 * 24 / (256 + 480))
 
 
 def test_layer_range_limits_the_diagnosis():
     d = diagnose(_plan(), _scores(), layers=range(0, 1))
-    assert [r["layer"] for r in d["layers"]] == [0] and d["grad_mean_ratio"] == 1.0
+    assert [r.layer for r in d.layers] == [0] and d.grad_mean_ratio == 1.0
 
 
 def test_no_gradient_statistics_means_no_diagnosis():
@@ -73,7 +74,7 @@ def test_block_skew_with_comparable_layer_scales_suggests_temperature_first():
     scores.attn = [torch.full((4,), 64.0)] * 3
     scores.mlp = [torch.full((20,), 24.0)] * 3
     d = diagnose(_plan(), scores)
-    assert d["mean_ratio"] == pytest.approx(1.0) and d["extreme_pruning_layers"] == [1]
+    assert d.mean_ratio == pytest.approx(1.0) and d.extreme_pruning_layers == [1]
     assert remedy(d, {"normalization": "none"}).startswith("rerun with temperature=1")
 
 
@@ -94,8 +95,7 @@ def test_healthy_verdict():
 
 def test_figures_draw():
     d = diagnose(_plan(), _scores())
-    rows = [{"layer": i, "block": b, "importance": 1.0 + i, "params": 100, "target_rate": 0.3,
-             "achieved_rate": 0.25} for i in range(3) for b in ("attn", "mlp")]
+    rows = [RateRow(i, b, 1.0 + i, 100, 0.3, 0.25) for i in range(3) for b in ("attn", "mlp")]
     fig = diagnosis_figure(d, "t", rows)
     assert len(fig.axes) == 2
     assert len(rates_figure(rows, "t").axes) == 2
@@ -106,8 +106,8 @@ def test_figures_draw():
 def test_second_order_taylor_adds_the_diagonal_fisher_term_end_to_end():
     model = make_tiny_model("llama", 4, 2, layers=2, hidden=16, intermediate=12)
     ids = torch.randint(4, 97, (4, 9), generator=torch.Generator().manual_seed(0))
-    s1 = taylor_scores(model, ids, ScoreSettings("element", 1, batch_size=2))
-    s2 = taylor_scores(model, ids, ScoreSettings("element", 2, batch_size=2))
+    s1 = taylor_scores(model, ids, TaylorConfig("element", 1), batch_size=2)
+    s2 = taylor_scores(model, ids, TaylorConfig("element", 2), batch_size=2)
     # reference by hand: per mini-batch gradients g_b, F = sum_b g_b^2, s = -w*g + 0.5*w^2*F
     gsum, fisher = {}, {}
     for b in (ids[:2], ids[2:]):
@@ -124,8 +124,22 @@ def test_second_order_taylor_adds_the_diagonal_fisher_term_end_to_end():
         torch.testing.assert_close(s2.mlp[i], ref2.mlp[i])
         torch.testing.assert_close(s1.mlp[i], ref1.mlp[i])
     assert not torch.equal(s1.mlp[0], s2.mlp[0])     # the Fisher term is there (small: w ~ 0.02)
-    stats = s2.extras["gradient_stats"]
+    stats = s2.gradient_stats
     layer0 = list(layer_parameters(model.model.layers[0]))
     n = sum(p.numel() for p in layer0)
-    assert stats[0]["grad_mean"] == pytest.approx(float(sum(gsum[p].abs().sum() for p in layer0) / n), rel=1e-5)
+    assert stats[0].grad_mean == pytest.approx(float(sum(gsum[p].abs().sum() for p in layer0) / n), rel=1e-5)
     assert stats == gradient_stats(model, gsum)
+
+
+def test_mean_ratio_is_reported_before_and_after_conditioning():
+    """mean_ratio is a property of the raw scores; mean_ratio_conditioned is measured on the keys the
+    global ranking compared: equal without conditioning, near 1 once normalisation evens out layers."""
+    from gqaprune.structured.conditioning import Conditioning, conditioned_keys
+    plan, scores = _plan(), _scores()
+    plain = diagnose(plan, scores, keys=conditioned_keys(plan.original, scores, Conditioning()))
+    assert plain.mean_ratio == pytest.approx(1000.0) and plain.mean_ratio_conditioned == pytest.approx(1000.0)
+    for norm in ("log", "zscore", "minmax", "sqrt"):
+        d = diagnose(plan, scores, keys=conditioned_keys(plan.original, scores, Conditioning(norm)))
+        assert d.mean_ratio == pytest.approx(1000.0)            # raw: unchanged by conditioning
+        assert d.mean_ratio_conditioned < 10, (norm, d.mean_ratio_conditioned)
+    assert diagnose(plan, scores).mean_ratio_conditioned is None   # no keys given: not reported

@@ -146,7 +146,8 @@ def test_run_id_source_is_linked(assets):
 
 def test_run_child_is_nested_in_the_active_run(assets):
     with runs.tracked_run("finetune") as parent:
-        child = evaluate.run_child(str(assets["model"]), fast(assets, "--tasks", "none", "--speed", "false"))
+        flags = fast(assets, "--tasks", "none", "--speed", "false")
+        child = evaluate.run_child(str(assets["model"]), evaluate.parse(["--model_uri", str(assets["model"]), *flags]))
         assert mlflow.active_run().info.run_id == parent.info.run_id
     c = MlflowClient().get_run(child)
     assert c.data.tags[schema.TAG_PARENT_RUN] == parent.info.run_id

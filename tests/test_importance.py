@@ -5,8 +5,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from gqaprune.structured.importance import (UnitScores, accumulate_gradients, magnitude_scores,
-                                            random_scores, taylor_from_grads, ScoreSettings)
+from gqaprune.structured.scorers.magnitude import magnitude_scores
+from gqaprune.structured.scorers.random import random_scores
+from gqaprune.structured.scorers.taylor import accumulate_gradients, taylor_from_grads
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.arch import layer_parameters
 from gqaprune.structured.units import LayerShape, group_rows, model_shapes
 
@@ -110,8 +112,8 @@ def test_accumulated_gradients_equal_autograd_sum():
 
 def test_random_scores_are_seeded():
     model = one_layer()
-    a = random_scores(model, None, ScoreSettings(seed=3))
-    b = random_scores(model, None, ScoreSettings(seed=3))
-    c = random_scores(model, None, ScoreSettings(seed=4))
+    a = random_scores(model, None, seed=3)
+    b = random_scores(model, None, seed=3)
+    c = random_scores(model, None, seed=4)
     assert torch.equal(a.attn[0], b.attn[0]) and torch.equal(a.mlp[0], b.mlp[0])
     assert not torch.equal(a.mlp[0], c.mlp[0])

@@ -11,6 +11,8 @@ from gqaprune.errors import UserError
 from gqaprune.structured import methods
 from gqaprune.structured.layer_importance import (LayerImportance, activation_importance,
                                                   compute_layer_importance, removal_importance)
+from gqaprune.structured.config import StructuredConfig
+from gqaprune.structured.rates import RatesConfig
 from gqaprune.structured.units import model_shapes
 
 N, T, B = 5, 12, 2
@@ -149,24 +151,21 @@ def test_activation_config_serves_both_granularities():
 @pytest.mark.parametrize("importance", ["removal", "activation"])
 def test_reused_importance_gives_the_same_plan(tmp_path, method, importance):
     model, ids = make_tiny_model("llama", 8, 2, layers=4), _ids(seed=3)
-    settings = methods.PruneSettings(method=method, pruning_ratio=0.3, importance_method=importance,
-                                     importance_samples=4, model_name="tiny", batch_size=B)
-    fresh = methods.run_method(model, ids, settings)
-    imp = fresh.diagnostics["layer_importance"]
+    cfg = StructuredConfig(pruning_ratio=0.3, rates=RatesConfig(importance_method=importance, importance_samples=4))
+    fresh = methods.select(model, ids, method, cfg, model_name="tiny", batch_size=B)
+    imp = fresh.allocation.layer_importance
     loaded = LayerImportance.load(imp.save(tmp_path / "imp.json"))
-    from dataclasses import replace
-    reused = methods.run_method(model, ids, replace(settings, layer_importance=loaded))
+    reused = methods.select(model, ids, method, cfg, model_name="tiny", batch_size=B, layer_importance=loaded)
     assert reused.plan.layers == fresh.plan.layers
-    assert reused.diagnostics["layer_rates"] == fresh.diagnostics["layer_rates"]
+    assert reused.allocation.rates == fresh.allocation.rates
     assert abs(fresh.plan.achieved_ratio() - 0.3) < 0.01
 
 
 def test_reusing_another_models_config_is_refused():
     model = make_tiny_model("llama", 8, 2, layers=3)
     imp = compute_layer_importance(model, _ids(), "removal", "layer", B, model_name="other")
-    settings = methods.PruneSettings(method="layerwise", model_name="tiny", layer_importance=imp)
     with pytest.raises(UserError, match="measured on model 'other'"):
-        methods.run_method(model, _ids(), settings)
+        methods.select(model, _ids(), "layerwise", StructuredConfig(), model_name="tiny", layer_importance=imp)
 
 
 def test_unknown_importance_method():

@@ -6,11 +6,10 @@ import pytest
 import torch
 
 from gqaprune.errors import UserError
-from gqaprune.structured import methods
-from gqaprune.structured.importance import UnitScores
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.layer_importance import LayerImportance
-from gqaprune.structured.rates import (STRATEGIES, allocate_rates, check_reachable_rates,
-                                       strategy_shares)
+from gqaprune.structured.rates import (STRATEGIES, RatesConfig, allocate_rates, check_reachable_rates,
+                                       nonuniform_plan, strategy_shares)
 from gqaprune.structured.units import LayerShape
 
 IMPORTANCES = {
@@ -126,21 +125,21 @@ def _importance(shapes, values, granularity):
     [[1.0, 2.0, 3.0, 4.0], [1e-6, 10.0, 1e6, 0.0]], [0.2, 0.35])))
 def test_plan_meets_target_within_one_channel(shape, granularity, strategy, alpha, values, ratio):
     shapes, scores = _case(*SHAPES[shape])
-    settings = methods.PruneSettings(pruning_strategy=strategy, alpha=alpha)
+    settings = RatesConfig(pruning_strategy=strategy, alpha=alpha)
     target = round(ratio * sum(s.params for s in shapes))
-    kept, rows = methods.nonuniform_plan(shapes, scores, _importance(shapes, values, granularity),
+    kept, rows = nonuniform_plan(shapes, scores, _importance(shapes, values, granularity),
                                          granularity, range(len(shapes)), target, settings)
     removed = sum((s.n_kv - len(k.kept_kv_groups)) * s.group_cost +
                   (s.intermediate - len(k.kept_channels)) * s.channel_cost for s, k in zip(shapes, kept))
     assert abs(removed - target) <= shapes[0].channel_cost / 2
     for r in rows:   # target rates respect the clamps exactly ...
-        assert 0.15 - 1e-12 <= r["target_rate"] <= 0.5 + 1e-12
+        assert 0.15 - 1e-12 <= r.target_rate <= 0.5 + 1e-12
     for r in rows:   # ... achieved ones up to the unit granularity of the item; MLP blocks may
-        s = shapes[r["layer"]]  # also absorb the rounding of all attention blocks (4 groups: 0/25/50%)
-        unit = s.group_cost if r["block"] in ("layer", "attn") else \
+        s = shapes[r.layer]  # also absorb the rounding of all attention blocks (4 groups: 0/25/50%)
+        unit = s.group_cost if r.block in ("layer", "attn") else \
             s.channel_cost + sum(shapes[i].group_cost / 2 for i in range(len(shapes)))
-        slack = unit / r["params"] + 1e-9
-        assert 0.15 - slack <= r["achieved_rate"] <= 0.5 + slack, r
+        slack = unit / r.params + 1e-9
+        assert 0.15 - slack <= r.achieved_rate <= 0.5 + slack, r
     assert all(k.kept_kv_groups and k.kept_channels for k in kept)
 
 
@@ -149,9 +148,9 @@ def test_units_inside_a_layer_follow_taylor_order():
     scores.mlp[0] = torch.arange(48, dtype=torch.float32)        # channel c has score c
     scores.attn[0] = torch.tensor([1e9, 1e9])                    # keep attention
     imp = _importance(shapes, [1.0, 1.0], "layer")
-    kept, rows = methods.nonuniform_plan(shapes, scores, imp, "layer", range(2),
+    kept, rows = nonuniform_plan(shapes, scores, imp, "layer", range(2),
                                          round(0.3 * sum(s.params for s in shapes)),
-                                         methods.PruneSettings(pruning_strategy="uniform"))
+                                         RatesConfig(pruning_strategy="uniform"))
     gone = sorted(set(range(48)) - set(kept[0].kept_channels))
     assert gone == list(range(len(gone))) and len(gone) > 0      # the lowest channels went
     assert kept[0].kept_kv_groups == [0, 1]
@@ -161,8 +160,8 @@ def test_layer_range_only_prunes_selected_layers():
     shapes, scores = _case(8, 2, layers=4)
     imp = _importance(shapes, [1.0, 2.0, 3.0, 4.0], "layer")
     target = round(0.2 * sum(s.params for s in shapes))   # 40% of layers 1-2
-    kept, rows = methods.nonuniform_plan(shapes, scores, imp, "layer", range(1, 3), target,
-                                         methods.PruneSettings())
-    assert [r["layer"] for r in rows] == [1, 2]
+    kept, rows = nonuniform_plan(shapes, scores, imp, "layer", range(1, 3), target,
+                                         RatesConfig())
+    assert [r.layer for r in rows] == [1, 2]
     assert kept[0].kept_channels == list(range(48)) and kept[3].kept_channels == list(range(48))
-    assert sum(r["target_rate"] * r["params"] for r in rows) == pytest.approx(target)
+    assert sum(r.target_rate * r.params for r in rows) == pytest.approx(target)

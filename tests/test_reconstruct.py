@@ -16,7 +16,7 @@ from gqaprune.arch import decoder_layers
 from gqaprune.structured.plan import LayerPlan, PruningPlan
 from gqaprune.arch import CFG_DOWN_BIAS, CFG_O_BIAS
 from gqaprune.structured.reconstruct import (NormalEquations,
-                                             ReconstructSettings, ShiftStats, prune_and_reconstruct)
+                                             ReconstructionConfig, ShiftStats, prune_and_reconstruct)
 from gqaprune.structured.surgery import apply_plan
 from gqaprune.structured.units import group_rows, model_shapes
 from prune_entry import prune
@@ -24,7 +24,8 @@ from tracking import schema
 
 
 def settings(**kw):
-    return ReconstructSettings(**{"show_progress": False, **kw})
+    kw = {("reconstruct" if k == "mode" else k): v for k, v in kw.items()}
+    return ReconstructionConfig(**{"show_progress": False, **kw})
 
 
 def calib(n=16, T=16, vocab=97, seed=0):

@@ -271,12 +271,12 @@ def test_demo_eval_auto_means_the_demo_data():
 def test_shipped_configs_validate(name, points):
     sweep = search.parse(["--config", str(REPO / "configs" / "sweeps" / name), "--dry_run", "true"])
     assert len(sweep.points) == points and sweep.config.eval and sweep.config.resume
-    assert all(p.eval_argv for p in sweep.points)
+    assert all(p.eval is not None for p in sweep.points)
     assert [d.model for d in sweep.dense] == list(sweep.config.models)
-    assert all(d.dense and d.method == "dense" and d.ratio == 0.0 and d.prune_argv == [] for d in sweep.dense)
+    assert all(d.dense and d.method == "dense" and d.ratio == 0.0 and d.prune is None for d in sweep.dense)
     if name == "demo.yaml":
         assert {p.method for p in sweep.points} == {"taylor", "magnitude", "random", "layerwise"}
-        assert "demo" in sweep.points[0].eval_argv
+        assert sweep.points[0].eval.ppl.ppl_datasets == "demo"
     else:
         assert len({p.model for p in sweep.points}) == 6 and {p.ratio for p in sweep.points} == {0.2, 0.3, 0.4}
 
@@ -338,8 +338,8 @@ def test_failed_dense_eval_is_reported_and_does_not_stop_the_sweep(tracking_stor
     and the FAILED child carries its point's tags (set at its start, before parsing)."""
     model, real = sweep_args()[1], evaluate.run_child
 
-    def dense_breaks(model_uri, args, extra_tags=None):
-        return real(model_uri, [*args, "--ppl_seq_len", "0"] if model_uri == model else args, extra_tags)
+    def dense_breaks(model_uri, config=None, extra_tags=None, overrides=None):
+        return real(model_uri, config, extra_tags, {"ppl_seq_len": "0"} if model_uri == model else overrides)
 
     monkeypatch.setattr(search.evaluate, "run_child", dense_breaks)
     assert search.main(sweep_args("--stop_on_error", "true", methods="magnitude", ratios="0.3")) == 0

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer
 
 from gqaprune import checkpoint, data
 from gqaprune.evaluation.perplexity import PplProtocol, perplexity
-from gqaprune.structured.methods import PruneSettings, run_method
+from gqaprune.structured.config import StructuredConfig
+from gqaprune.structured.methods import select
 from gqaprune.structured.surgery import apply_plan
 from tests.conftest import STORIES, TINYSTORIES, needs_shared
 
@@ -27,7 +28,7 @@ def setup():
 def ppl_after(method, setup, ratio=0.2):
     tok, stream, calib = setup
     model = checkpoint.load_model(STORIES).eval()
-    plan = run_method(model, calib, PruneSettings(method=method, pruning_ratio=ratio)).plan
+    plan = select(model, calib, method, StructuredConfig(pruning_ratio=ratio)).plan
     apply_plan(model, plan)
     return perplexity(model, stream, PplProtocol("tinystories", seq_len=256, bos=True),
                       tok.bos_token_id, show_progress=False).ppl
@@ -51,11 +52,11 @@ def test_taylor_beats_magnitude_and_random_at_20_percent(setup):
 
 def test_reconstruction_recovers_most_of_the_damage(setup):
     """Issue 6 target: taylor at 20% with least-squares reconstruction stays below PPL 10."""
-    from gqaprune.structured.reconstruct import ReconstructSettings, prune_and_reconstruct
+    from gqaprune.structured.reconstruct import ReconstructionConfig, prune_and_reconstruct
     tok, stream, calib = setup
     model = checkpoint.load_model(STORIES).eval()
-    plan = run_method(model, calib, PruneSettings(method="taylor", pruning_ratio=0.2)).plan
-    prune_and_reconstruct(model, plan, calib, ReconstructSettings(mode="lstsq", show_progress=False))
+    plan = select(model, calib, "taylor", StructuredConfig(pruning_ratio=0.2)).plan
+    prune_and_reconstruct(model, plan, calib, ReconstructionConfig(reconstruct="lstsq", show_progress=False))
     ppl = perplexity(model, stream, PplProtocol("tinystories", seq_len=256, bos=True),
                      tok.bos_token_id, show_progress=False).ppl
     assert ppl < 10

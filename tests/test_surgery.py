@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from gqaprune.structured.methods import PruneSettings, run_method
+from gqaprune.structured.config import StructuredConfig
+from gqaprune.structured.methods import select
 from gqaprune.structured.plan import LayerPlan, PruningPlan
 from gqaprune.structured.surgery import apply_plan
 from gqaprune.structured.units import group_rows, model_shapes
@@ -52,7 +53,7 @@ def test_pruned_forward_equals_masked_dense(family, n_heads, n_kv):
 def test_methods_prune_every_family(family, n_heads, n_kv, method):
     model = make_tiny_model(family, n_heads, n_kv)
     ids = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(2))
-    result = run_method(model, ids, PruneSettings(method=method, pruning_ratio=0.3))
+    result = select(model, ids, method, StructuredConfig(pruning_ratio=0.3))
     plan = result.plan
     total = plan.prunable_before()
     assert abs(plan.achieved_ratio() - 0.3) * total <= max(s.group_cost for s in plan.original)

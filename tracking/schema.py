@@ -1,9 +1,21 @@
-"""One naming authority for every MLflow param, metric, tag and artifact name.
+"""One naming authority for every MLflow param, metric, tag and artifact name: it builds them and
+parses them back.
 
-Writers (entry points, ``tracking.runs``) and readers (``analysis/``) import names from here,
-so a renamed metric cannot silently break a table.
+Writers (entry points, ``tracking.runs``) and readers (``analysis/``) import names from here, so a
+renamed metric cannot silently break a table; a guard test fails on any string literal in
+``prune_entry/`` or ``analysis/`` equal to a name defined here.
+
+**The convention.** A name is ``[<group>/]<key>``: lower-case words joined by ``_``; run-level
+scalars have no group (``achieved_ratio``, ``pruning_time_s``); a *family* of values measured per
+item puts the measure first and the item second, ``<measure>/<item>`` (``ppl/wikitext2``,
+``kept_frac/layer_03``, ``recon_err_after/layer_03_o_proj``, ``search/points``), so MLflow's UI folds
+a family into one group. lm-eval's per-task values keep lm-eval's own order, ``<task>/<measure>``
+(``piqa/acc``), grouped per task. Params are the flat leaf names of the entry point's config tree
+(the flags), plus the values resolved at run time (``calibration_dataset_resolved``) and
+``<group>/<key>`` for resolved sweep settings and protocols.
 """
 import re
+from dataclasses import dataclass
 
 # ---- experiments -------------------------------------------------------------------------
 DEFAULT_EXPERIMENT = "gqaprune"
@@ -21,6 +33,7 @@ TAG_SOURCE_URI = "source_model_uri"
 TAG_PARENT_RUN = "mlflow.parentRunId"
 TAG_FAILURE = "failure_reason"      # one-line reason of a FAILED run
 TAG_RUN_NAME = "mlflow.runName"
+TAG_NOT_APPLIED = "not_applied_params"  # prune: name=value of settings the method does not read
 
 STAGE_PRUNE = "prune"
 STAGE_FINETUNE = "finetune"
@@ -38,22 +51,23 @@ M_ACHIEVED_TOTAL_RATIO = "achieved_total_ratio"  # fraction of all params remove
 M_PRUNE_TIME = "pruning_time_s"
 M_SCORING_TIME = "scoring_time_s"
 M_PEAK_MEMORY = "peak_memory_mb"
-M_LAYER_KEPT_ATTN = "layer_{layer:02d}_kept_attn_frac"
-M_LAYER_KEPT_MLP = "layer_{layer:02d}_kept_mlp_frac"
-M_LAYER_KEPT = "layer_{layer:02d}_kept_frac"
+M_LAYER_KEPT_ATTN = "kept_attn_frac/layer_{layer:02d}"
+M_LAYER_KEPT_MLP = "kept_mlp_frac/layer_{layer:02d}"
+M_LAYER_KEPT = "kept_frac/layer_{layer:02d}"
 
 # ---- prune: non-uniform rates (layerwise / blockwise) and gradient diagnosis ----------------
 M_IMPORTANCE_TIME = "importance_time_s"              # layer importance analysis (0 when reused)
-M_LAYER_IMPORTANCE = "layer_{layer:02d}_importance"  # layerwise: the layer's importance
-M_LAYER_BLOCK_IMPORTANCE = "layer_{layer:02d}_{block}_importance"  # blockwise: block attn | mlp
-M_LAYER_TARGET_RATE = "layer_{layer:02d}_target_rate"
-M_LAYER_BLOCK_TARGET_RATE = "layer_{layer:02d}_{block}_target_rate"
+M_LAYER_IMPORTANCE = "importance/layer_{layer:02d}"  # layerwise: the layer's importance
+M_LAYER_BLOCK_IMPORTANCE = "importance/layer_{layer:02d}_{block}"  # blockwise: block attn | mlp
+M_LAYER_TARGET_RATE = "target_rate/layer_{layer:02d}"
+M_LAYER_BLOCK_TARGET_RATE = "target_rate/layer_{layer:02d}_{block}"
 M_GRAD_NORM_RATIO = "grad_norm_ratio"                # max / min per-layer gradient L2 norm
 M_GRAD_MEAN_RATIO = "grad_mean_ratio"                # max / min per-layer mean |gradient|
 M_MEAN_RATIO = "mean_ratio"                          # max / min per-layer Taylor score per parameter
+M_MEAN_RATIO_CONDITIONED = "mean_ratio_conditioned"  # the same on the clipped / normalised ranking keys
 M_NUM_EXTREME_LAYERS = "num_extreme_pruning_layers"  # layers (or blocks) pruned beyond 90%
-M_LAYER_GRAD_NORM = "layer_{layer:02d}_grad_norm"
-M_LAYER_GRAD_MEAN = "layer_{layer:02d}_grad_mean"
+M_LAYER_GRAD_NORM = "grad_norm/layer_{layer:02d}"
+M_LAYER_GRAD_MEAN = "grad_mean/layer_{layer:02d}"
 TAG_EXTREME_LAYERS = "extreme_pruning_layers"        # "2,3" or "none"
 TAG_IMPORTANCE_SOURCE = "importance_config_source"   # the reused config (path or runs:/ URI)
 A_GRAD_DIAGNOSIS_FIG = "gradient_diagnosis.png"
@@ -65,14 +79,27 @@ A_LAYER_RATES_FIG = "layer_rates.png"
 M_RECON_TIME = "reconstruction_time_s"               # layer-wise surgery + refit, all layers
 # relative error ||X W^T + b - Y||_F / ||Y||_F on the calibration tokens; proj: o_proj | down_proj,
 # when: before | after (the refit)
-M_LAYER_RECON_ERR = "layer_{layer:02d}_{proj}_recon_err_{when}"
-M_RECON_ERR_MEAN = "recon_err_{when}_mean"           # mean over layers and projections
+M_LAYER_RECON_ERR = "recon_err_{when}/layer_{layer:02d}_{proj}"
+M_RECON_ERR_MEAN = "recon_err_{when}/mean"           # mean over layers and projections
 A_RECON_ERRORS = "reconstruction_errors_by_layer.csv"
 A_RECON_ERRORS_FIG = "reconstruction_errors_by_layer.png"
 
 
 def recon_metric(layer: int, proj: str, when: str) -> str:
     return M_LAYER_RECON_ERR.format(layer=layer, proj=proj, when=when)
+
+
+def recon_mean_metric(when: str) -> str:
+    return M_RECON_ERR_MEAN.format(when=when)
+
+
+def rate_metric(template: str, layer: int, block: str) -> str:
+    """layerwise (block ``layer``) or blockwise (``attn`` / ``mlp``) per-item metric of a family
+    (M_LAYER_IMPORTANCE or M_LAYER_TARGET_RATE)."""
+    if block == "layer":
+        return template.format(layer=layer)
+    blocks = {M_LAYER_IMPORTANCE: M_LAYER_BLOCK_IMPORTANCE, M_LAYER_TARGET_RATE: M_LAYER_BLOCK_TARGET_RATE}
+    return blocks[template].format(layer=layer, block=block)
 
 
 # ---- finetune (LoRA recovery) --------------------------------------------------------------
@@ -141,7 +168,7 @@ M_SEARCH_REUSED = "search/points_reused"   # prune (and eval) taken over from ea
 M_SEARCH_FAILED = "search/points_failed"
 M_SEARCH_DENSE = "search/dense_evals"     # eval_dense: evals of the unpruned models (one per model)
 M_SEARCH_DENSE_FAILED = "search/dense_evals_failed"
-M_SEARCH_TIME = "search_time_s"
+M_SEARCH_TIME = "search/time_s"
 P_SWEEP = "sweep/{name}"                   # resolved sweep settings (config file + command line)
 A_SEARCH_PLAN = "search_plan.json"         # every point: parameters, key, prune / eval flags
 A_SEARCH_SUMMARY = "search_summary.csv"    # one row per point, full run ids
@@ -149,6 +176,9 @@ A_SEARCH_SUMMARY_MD = "search_summary.md"  # the same as Markdown, with the meas
 A_SEARCH_FIG = "search_ppl_vs_ratio.png"   # perplexity vs achieved ratio per method, per model
 
 # ---- analysis: params read back from runs (dataclass field names of the entry points) -------
+P_MODEL = "model"                          # prune: the model as given
+P_MODEL_URI = "model_uri"                  # eval / finetune: the model as given
+P_METHOD = "method"                        # prune
 P_PRUNING_RATIO = "pruning_ratio"          # prune
 P_RECONSTRUCT = "reconstruct"              # prune: none | lstsq | bias
 P_NUM_FEWSHOT = "num_fewshot"              # eval
@@ -163,6 +193,14 @@ LABEL_DENSE_LORA = "dense+LoRA"            # eval -> finetune run of an unpruned
 A_RESULTS_TABLE = "results_table.csv"      # analysis.cross_model: the joined table
 A_CROSS_MODEL = "cross_model_{metric}"     # + .md / .tex / .csv / _relative.csv / .png
 A_BASE_INSTRUCT_FIG = "base_vs_instruct_{metric}.png"
+
+
+RUN_COMPARE = "compare"                    # run name of analysis.compare / prune_entry.compare runs
+
+
+def compare_metric(index: int, *parts: str) -> str:
+    """``pruned_<i>/<measure>[/<key>]``: a comparison of the i-th pruned model (analysis.compare)."""
+    return metric_name(f"pruned_{index}", *parts)
 
 
 def ppl_metric(dataset: str) -> str:
@@ -219,3 +257,78 @@ def lm_eval_metric(task: str, key: str) -> str:
     if filt and filt != "none":
         measure = f"{measure}_{filt}"
     return metric_name(task, measure)
+
+
+# ---- params resolved at run time (analysis reads them back) ------------------------------------
+P_CALIBRATION_RESOLVED = "calibration_dataset_resolved"   # prune: the source "auto" resolved to
+
+
+# ---- run names -----------------------------------------------------------------------------------
+
+def run_name(stage: str, model: str, method: str | None = None, ratio: float | None = None) -> str:
+    """``<stage>-<model>[-<method>][-<ratio>]``, e.g. ``prune-Llama-taylor-0.35``."""
+    parts = [stage, model] + ([method] if method else []) + ([f"{ratio:g}"] if ratio is not None else [])
+    return "-".join(parts)
+
+
+# ---- parsing names back ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Name:
+    """A parsed metric / param name: ``group`` (None for run-level scalars) and ``key``."""
+    group: str | None
+    key: str
+
+    def __str__(self) -> str:
+        return self.key if self.group is None else f"{self.group}/{self.key}"
+
+
+def parse(name: str) -> Name:
+    """``ppl/wikitext2`` -> Name("ppl", "wikitext2"); ``achieved_ratio`` -> Name(None, ...)."""
+    group, sep, key = name.partition("/")
+    return Name(group, key) if sep else Name(None, name)
+
+
+def ppl_dataset(name: str) -> str | None:
+    """The dataset of a ``ppl/<dataset>`` metric name, else None."""
+    n = parse(name)
+    return n.key if n.group == "ppl" else None
+
+
+def is_ppl(name: str) -> bool:
+    return ppl_dataset(name) is not None
+
+
+def is_protocol_param(name: str) -> bool:
+    """``ppl_protocol/<dataset>`` params (one-line perplexity protocol)."""
+    return parse(name).group == parse(P_PPL_PROTOCOL).group
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index of a per-layer family metric (``kept_frac/layer_03`` -> 3), else None."""
+    m = re.match(r"^layer_(\d+)", parse(name).key)
+    return int(m.group(1)) if m and parse(name).group else None
+
+
+# MLflow's search_runs DataFrame prefixes columns by kind.
+PARAMS_PREFIX, METRICS_PREFIX, TAGS_PREFIX = "params.", "metrics.", "tags."
+
+
+def param_column(name: str) -> str:
+    return PARAMS_PREFIX + name
+
+
+def metric_column(name: str) -> str:
+    return METRICS_PREFIX + name
+
+
+def tag_column(name: str) -> str:
+    return TAGS_PREFIX + name
+
+
+def split_column(column: str) -> tuple[str | None, str]:
+    """``params.x`` -> ("params", "x"); other columns -> (None, column)."""
+    for kind in (PARAMS_PREFIX, METRICS_PREFIX, TAGS_PREFIX):
+        if column.startswith(kind):
+            return kind[:-1], column[len(kind):]
+    return None, column

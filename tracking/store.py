@@ -114,6 +114,18 @@ def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = "FI
                                  order_by=["attributes.start_time DESC"])
 
 
+def find_runs_anywhere(tags: dict[str, str], status: str | None = "FINISHED") -> list:
+    """Runs of every experiment carrying every ``tags`` value, newest first."""
+    client = _client()
+    ids = [e.experiment_id for e in client.search_experiments()]
+    if not ids:
+        return []
+    parts = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+    if status:
+        parts.append(f"attributes.status = '{status}'")
+    return client.search_runs(ids, filter_string=" and ".join(parts), order_by=["attributes.start_time DESC"])
+
+
 # ---- whole-store queries for analysis/ (tables and figures) --------------------------------
 
 def experiment_names() -> dict[str, str]:

@@ -12,13 +12,56 @@ removed parameter count is as close to ``ratio * prunable`` as one more unit can
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from gqaprune.errors import UserError
-from gqaprune.structured.importance import UnitScores
+from gqaprune.registry import Registry
 from gqaprune.structured.plan import LayerPlan
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.units import LayerShape
+
+
+# ---- the allocator registry: scores -> kept units ----------------------------------------------
+
+@dataclass
+class AllocationRequest:
+    """Everything an allocator may use. ``section`` is its own config section (or None)."""
+    model: Any
+    batches: torch.Tensor | None          # calibration windows [N, T] (None for data-free scorers)
+    shapes: list[LayerShape]
+    scores: UnitScores
+    layers: range                         # prunable layers
+    ratio: float                          # fraction of prunable parameters (of the whole model) to remove
+    section: Any = None
+    batch_size: int = 4
+    model_name: str = ""
+    layer_importance: Any = None          # a given LayerImportance (reused or measured by the pipeline)
+
+
+@dataclass
+class Allocation:
+    """What an allocator decided: the kept units per layer, and how (for logs and provenance)."""
+    kept: list[LayerPlan]
+    # built by the allocator modules (no import back into them from here):
+    conditioning: Any = None        # conditioning.ConditioningInfo (global)
+    rates: Any = None               # list[rates.RateRow] (layerwise / blockwise)
+    layer_importance: Any = None    # layer_importance.LayerImportance (layerwise / blockwise)
+
+
+@dataclass(frozen=True)
+class Allocator:
+    fn: Callable[[AllocationRequest], Allocation]
+    section: str | None = None            # the config section it reads
+    importance: str | None = None         # granularity of layer importance it needs ("layer" | "block")
+    summary: str = ""
+
+    def __call__(self, req: AllocationRequest) -> Allocation:
+        return self.fn(req)
+
+
+ALLOCATORS: Registry[Allocator] = Registry("allocator")
 
 
 @dataclass(frozen=True)

@@ -42,49 +42,69 @@ and K_l the keys of all units (KV groups and MLP channels) of layer l.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
+from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
-from gqaprune.structured.allocation import (check_reachable, global_plan_layers, kept_from_removed,
+from gqaprune.registry import Registry
+from gqaprune.structured.allocation import (ALLOCATORS, Allocation, AllocationRequest, Allocator,
+                                             check_reachable, global_plan_layers, kept_from_removed,
                                              ranking_key)
-from gqaprune.structured.importance import UnitScores
 from gqaprune.structured.plan import LayerPlan
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.units import LayerShape
 
-NORMALIZATIONS = ("none", "log", "minmax", "zscore", "sqrt")
+# keys [n] float64 of one layer -> normalised keys, order inside the layer preserved (step 2)
+NORMALIZATIONS: Registry = Registry("normalization")
 
 
 @dataclass(frozen=True)
-class Conditioning:
-    normalization: str = "none"
-    clip_low: float = 0.0
-    clip_high: float = 100.0
-    temperature: float = 0.0
-    tau: float = 0.0
+class Conditioning(Section):
+    """score conditioning of the global ranking (allocator global)"""
+    normalization: str = knob("none", "per-layer normalisation of the ranking keys",
+                              choices=lambda: NORMALIZATIONS.names())
+    clip_low: float = knob(0.0, "lower percentile clip per layer (0 <= clip_low < clip_high)")
+    clip_high: float = knob(100.0, "upper percentile clip per layer (<= 100)")
+    temperature: float = knob(0.0, "T >= 0: 0 = pure global ranking, larger moves attention/MLP toward balance",
+                              low=0.0, fix="pass 0 for pure global ranking or e.g. 1 to balance attention/MLP")
+    tau: float = knob(0.0, "gate: correct a layer only if rho >= tau", low=0.0,
+                      fix="pass 0 to correct every layer or e.g. 1")
 
-    def validate(self) -> "Conditioning":
-        if self.normalization not in NORMALIZATIONS:
-            raise UserError(f"unknown normalization '{self.normalization}'",
-                            f"use one of {', '.join(NORMALIZATIONS)}")
+    def check(self) -> None:
         if not 0.0 <= self.clip_low < self.clip_high <= 100.0:
             raise UserError(f"clip percentiles must satisfy 0 <= clip_low < clip_high <= 100 "
                             f"(got {self.clip_low}, {self.clip_high})", "pass e.g. clip_low=5 clip_high=95")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise UserError(f"temperature must be a finite number >= 0, got {self.temperature}",
-                            "pass 0 for pure global ranking or e.g. 1 to balance attention/MLP")
-        if not (self.tau >= 0 and math.isfinite(self.tau)):
-            raise UserError(f"tau must be a finite number >= 0, got {self.tau}",
-                            "pass 0 to correct every layer or e.g. 1")
-        return self
 
     def is_identity(self) -> bool:
         return self == Conditioning()
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class BlockCorrectionRow:
+    """Step 3 for one layer: relative block importances, the gate, rates before and after."""
+    layer: int
+    rho_attn: float
+    rho_mlp: float
+    gated: bool
+    attn_rate_global: float
+    mlp_rate_global: float
+    attn_rate: float
+    mlp_rate: float
+
+
+@dataclass(frozen=True)
+class ConditioningInfo:
+    conditioning: Conditioning
+    block_correction: list[BlockCorrectionRow]
+
+    def to_dict(self) -> dict:
+        return {"conditioning": self.conditioning.to_dict(),
+                "block_correction": [asdict(r) for r in self.block_correction]}
 
 
 # ---- steps 1 and 2 -----------------------------------------------------------------------------
@@ -97,24 +117,39 @@ def clip_keys(keys: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return keys.clamp(float(q[0]), float(q[1]))
 
 
+@NORMALIZATIONS.register("none")
+def _none(keys: torch.Tensor) -> torch.Tensor:
+    return keys
+
+
+@NORMALIZATIONS.register("log")
+def _log(keys: torch.Tensor) -> torch.Tensor:
+    logk = torch.log(keys.clamp_min(0) + 1e-8 * float(keys.clamp_min(0).mean()) + 1e-30)
+    return logk - logk.mean()
+
+
+@NORMALIZATIONS.register("minmax")
+def _minmax(keys: torch.Tensor) -> torch.Tensor:
+    span = float(keys.max() - keys.min())
+    return (keys - keys.min()) / span if span > 0 else torch.zeros_like(keys)
+
+
+@NORMALIZATIONS.register("zscore")
+def _zscore(keys: torch.Tensor) -> torch.Tensor:
+    std = float(keys.std(unbiased=False)) if keys.numel() > 1 else 0.0
+    return (keys - keys.mean()) / std if std > 0 else torch.zeros_like(keys)
+
+
+@NORMALIZATIONS.register("sqrt")
+def _sqrt(keys: torch.Tensor) -> torch.Tensor:
+    root = keys.clamp_min(0).sqrt()
+    mean = float(root.mean())
+    return root / mean if mean > 0 else root
+
+
 def normalize_keys(keys: torch.Tensor, how: str) -> torch.Tensor:
     """keys [n] float64 (>= 0 for taylor) -> per-layer normalised keys, order preserved."""
-    if how == "none":
-        return keys
-    if how == "log":
-        logk = torch.log(keys.clamp_min(0) + 1e-8 * float(keys.clamp_min(0).mean()) + 1e-30)
-        return logk - logk.mean()
-    if how == "minmax":
-        span = float(keys.max() - keys.min())
-        return (keys - keys.min()) / span if span > 0 else torch.zeros_like(keys)
-    if how == "zscore":
-        std = float(keys.std(unbiased=False)) if keys.numel() > 1 else 0.0
-        return (keys - keys.mean()) / std if std > 0 else torch.zeros_like(keys)
-    if how == "sqrt":
-        root = keys.clamp_min(0).sqrt()
-        mean = float(root.mean())
-        return root / mean if mean > 0 else root
-    raise UserError(f"unknown normalization '{how}'", f"use one of {', '.join(NORMALIZATIONS)}")
+    return NORMALIZATIONS.get(how)(keys)
 
 
 def conditioned_keys(shapes: list[LayerShape], scores: UnitScores, cond: Conditioning) -> UnitScores:
@@ -127,7 +162,7 @@ def conditioned_keys(shapes: list[LayerShape], scores: UnitScores, cond: Conditi
                               cond.normalization)
         attn.append(both[: s.n_kv])
         mlp.append(both[s.n_kv:])
-    return UnitScores(attn, mlp, power=0.0, extras=scores.extras)
+    return UnitScores(attn, mlp, power=0.0, gradient_stats=scores.gradient_stats)
 
 
 # ---- step 3 ------------------------------------------------------------------------------------
@@ -150,7 +185,8 @@ def _lowest(keys: torch.Tensor, count: int) -> set[int]:
 
 
 def block_correction(shapes: list[LayerShape], kept: list[LayerPlan], keys: UnitScores,
-                     scores: UnitScores, layers: range, temperature: float, tau: float) -> tuple[list[LayerPlan], list[dict]]:
+                     scores: UnitScores, layers: range, temperature: float,
+                     tau: float) -> tuple[list[LayerPlan], list[BlockCorrectionRow]]:
     """Move each layer's attention/MLP split toward balance (see step 3); returns (kept, rows)."""
     lam = temperature / (1.0 + temperature)
     removed = {i: {"attn": set(), "mlp": set()} for i in range(len(shapes))}
@@ -171,19 +207,27 @@ def block_correction(shapes: list[LayerShape], kept: list[LayerPlan], keys: Unit
         carry = mlp_budget - channels * s.channel_cost
         removed[i]["attn"] = _lowest(keys.attn[i], groups)
         removed[i]["mlp"] = _lowest(keys.mlp[i], channels)
-        rows.append({"layer": i, "rho_attn": rho_a, "rho_mlp": rho_m, "gated": bool(gated),
-                     "attn_rate_global": a, "mlp_rate_global": m,
-                     "attn_rate": groups * s.group_cost / s.attn_params,
-                     "mlp_rate": channels * s.channel_cost / s.mlp_params})
+        rows.append(BlockCorrectionRow(i, rho_a, rho_m, bool(gated), a, m,
+                                       groups * s.group_cost / s.attn_params,
+                                       channels * s.channel_cost / s.mlp_params))
     return kept_from_removed(shapes, removed), rows
 
 
 def conditioned_plan(shapes: list[LayerShape], scores: UnitScores, ratio: float, layers: range,
-                     cond: Conditioning) -> tuple[list[LayerPlan], dict]:
+                     cond: Conditioning) -> tuple[list[LayerPlan], ConditioningInfo]:
     """Global ranking on conditioned keys, then the block correction. Returns (kept, info)."""
-    cond.validate()
     check_reachable(shapes, layers, ratio)
     keys = conditioned_keys(shapes, scores, cond)
     kept = global_plan_layers(shapes, keys, ratio, layers)
     kept, rows = block_correction(shapes, kept, keys, scores, layers, cond.temperature, cond.tau)
-    return kept, {"conditioning": cond.to_dict(), "block_correction": rows}
+    return kept, ConditioningInfo(cond, rows)
+
+
+def _global(req: AllocationRequest) -> Allocation:
+    """The units with the lowest (conditioned) per-parameter keys go first, across all layers."""
+    kept, info = conditioned_plan(req.shapes, req.scores, req.ratio, req.layers, req.section or Conditioning())
+    return Allocation(kept, conditioning=info)
+
+
+ALLOCATORS.register("global", Allocator(_global, section="conditioning",
+                                        summary="one ranking of units per parameter across the model"))

@@ -49,11 +49,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gqaprune.errors import UserError
+from gqaprune.registry import Registry
 from gqaprune import arch
 from gqaprune.calibrate import capture, next_token_nll, run_from
 from gqaprune.structured.units import LayerShape, model_shapes
 
-IMPORTANCE_METHODS = ("removal", "activation")
+# method -> (model, ids [N, T], granularity, batch_size) -> (layer, attn, mlp, details, granularity filled)
+IMPORTANCE_METHODS: Registry = Registry("importance_method")
 GRANULARITIES = ("layer", "block")
 CONFIG_FORMAT = "gqaprune.layer_importance/v1"
 
@@ -224,21 +226,17 @@ def compute_layer_importance(model, ids: torch.Tensor, method: str = "removal",
                              granularity: str = "layer", batch_size: int = 4,
                              model_name: str = "", extra: dict | None = None) -> LayerImportance:
     """Measure importance with ``method`` over ids [N, T] (see the module docstring)."""
-    check_method(method)
+    measure = IMPORTANCE_METHODS.get(method)
     if granularity not in GRANULARITIES:
         raise UserError(f"unknown importance granularity '{granularity}'", f"use one of {GRANULARITIES}")
-    if method == "removal":
-        layer, attn, mlp, details = removal_importance(model, ids, granularity, batch_size)
-        gran = granularity
-    else:
-        layer, attn, mlp, details = activation_importance(model, ids, batch_size)
-        gran = "both"
+    layer, attn, mlp, details, gran = measure(model, ids, granularity, batch_size)
     details = {"samples": int(ids.shape[0]), "seq_len": int(ids.shape[1]), **details, **(extra or {})}
     shapes = model_shapes(model)
     return LayerImportance(method, gran, model_name, len(shapes), [s.to_dict() for s in shapes],
                            layer, attn, mlp, details)
 
 
-def check_method(method: str) -> None:
-    if method not in IMPORTANCE_METHODS:
-        raise UserError(f"unknown importance_method '{method}'", f"use one of {', '.join(IMPORTANCE_METHODS)}")
+IMPORTANCE_METHODS.register("removal", lambda model, ids, granularity, batch_size:
+                            (*removal_importance(model, ids, granularity, batch_size), granularity))
+IMPORTANCE_METHODS.register("activation", lambda model, ids, granularity, batch_size:
+                            (*activation_importance(model, ids, batch_size), "both"))  # one pass gives both

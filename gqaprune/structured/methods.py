@@ -1,166 +1,105 @@
-"""Registry of structured pruning methods: (model, calibration batches, settings) -> plan.
+"""Structured methods: a named combination of a scorer and an allocator, and ``select``.
 
-A method decides *which* units go; surgery is separate (see ``surgery.apply_plan``).
+A method decides *which* units go (a :class:`PruningPlan`); committing the plan (surgery,
+optionally with a refit) is the pipeline's single commit path. Because a method is only a pair
+of registry names, ``layerwise`` with magnitude scores is a configuration (``scorer=magnitude``),
+not new code.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Callable
-
-import torch
+from dataclasses import dataclass
 
 from gqaprune.errors import UserError
-from gqaprune.structured.allocation import check_reachable, global_plan_layers, layer_range
-from gqaprune.structured.conditioning import Conditioning, conditioned_plan
-from gqaprune.structured.importance import ScoreSettings, UnitScores, get_scorer
-from gqaprune.structured.layer_importance import compute_layer_importance
-from gqaprune.structured.plan import PruningPlan
-from gqaprune.structured.rates import (allocate_rates, check_rate_settings, item_size, rate_rows,
-                                       units_from_rates)
+from gqaprune.registry import Registry
+from gqaprune.structured import conditioning, rates, scorers  # noqa: F401  (register allocators, scorers)
+from gqaprune.structured.allocation import ALLOCATORS, Allocation, AllocationRequest, Allocator, layer_range
+from gqaprune.structured.plan import PruningPlan, Provenance
+from gqaprune.structured.scoring import SCORERS, Scorer, UnitScores
 from gqaprune.structured.units import model_shapes
+
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
-class PruneSettings:
-    method: str = "taylor"
-    pruning_ratio: float = 0.2
-    layer_start: int | None = None
-    layer_end: int | None = None
-    taylor_variant: str = "vector"
-    taylor_order: int = 1
-    batch_size: int = 4
-    seed: int = 0
-    # layerwise / blockwise (see rates.py, layer_importance.py)
-    importance_method: str = "removal"
-    importance_samples: int = 32
-    pruning_strategy: str = "inverse"
-    alpha: float = 1.0
-    min_pruning_rate: float = 0.15
-    max_pruning_rate: float = 0.5
-    layer_importance: object = None     # a LayerImportance to reuse; None: measure it
-    # score conditioning of the global taylor ranking (see conditioning.py)
-    normalization: str = "none"
-    clip_low: float = 0.0
-    clip_high: float = 100.0
-    temperature: float = 0.0
-    tau: float = 0.0
-    model_name: str = ""
-    provenance: dict = field(default_factory=dict)  # calibration data etc., copied into the plan
+class Method:
+    scorer: str
+    allocator: str
+    summary: str = ""
 
-    def score_settings(self) -> ScoreSettings:
-        return ScoreSettings(self.taylor_variant, self.taylor_order, self.batch_size, self.seed)
 
-    def conditioning(self) -> Conditioning:
-        return Conditioning(self.normalization, self.clip_low, self.clip_high, self.temperature, self.tau)
+METHODS: Registry[Method] = Registry("method")
+METHODS.register("taylor", Method("taylor", "global", "global ranking of Taylor scores per parameter"))
+METHODS.register("magnitude", Method("magnitude", "global", "global ranking of L2 norms per parameter"))
+METHODS.register("random", Method("random", "global", "random units (the baseline)"))
+METHODS.register("layerwise", Method("taylor", "layerwise", "per-layer rates from layer importance, "
+                                     "Taylor inside each layer"))
+METHODS.register("blockwise", Method("taylor", "blockwise", "per-block rates from block importance, "
+                                     "Taylor inside each block"))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    method: str
+    scorer_name: str
+    scorer: Scorer
+    allocator_name: str
+    allocator: Allocator
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.scorer.needs_calibration or self.allocator.importance is not None
+
+    @property
+    def sections(self) -> set[str]:
+        """Config sections this combination reads."""
+        return {s for s in (self.scorer.section, self.allocator.section) if s}
+
+
+def method_names() -> tuple[str, ...]:
+    """The registered methods, then every scorer that is not one: a scorer's name as a method
+    means that scorer with the global allocator (so a new scorer is a method at once)."""
+    return (*METHODS.names(), *(s for s in SCORERS.names() if s not in METHODS))
+
+
+def method_spec(method: str) -> Method:
+    if method not in METHODS and method in SCORERS:
+        return Method(method, "global", SCORERS.get(method).summary)
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}'", f"use one of {', '.join(method_names())}")
+    return METHODS.get(method)
+
+
+def resolve(method: str, scorer: str = AUTO) -> Resolved:
+    spec = method_spec(method)
+    name = spec.scorer if scorer == AUTO else scorer
+    return Resolved(method, name, SCORERS.get(name), spec.allocator, ALLOCATORS.get(spec.allocator))
 
 
 @dataclass
-class MethodResult:
+class Selection:
+    """What a method decided, and how."""
     plan: PruningPlan
     scores: UnitScores | None
+    allocation: Allocation
     scoring_time_s: float
-    diagnostics: dict = field(default_factory=dict)
 
 
-MethodFn = Callable[[object, torch.Tensor | None, PruneSettings], MethodResult]
-METHODS: dict[str, MethodFn] = {}
-NEEDS_CALIBRATION: set[str] = set()
-
-
-def register_method(name: str, needs_calibration: bool = True):
-    def deco(fn: MethodFn) -> MethodFn:
-        METHODS[name] = fn
-        if needs_calibration:
-            NEEDS_CALIBRATION.add(name)
-        return fn
-    return deco
-
-
-def get_method(name: str) -> MethodFn:
-    if name not in METHODS:
-        raise UserError(f"unknown method '{name}'", f"use one of {', '.join(sorted(METHODS))}")
-    return METHODS[name]
-
-
-def make_plan(model, settings: PruneSettings, layers_kept, extra_provenance: dict | None = None) -> PruningPlan:
-    prov = {"settings": {k: v for k, v in asdict(settings).items()
-                         if k not in ("provenance", "layer_importance")},
-            **settings.provenance, **(extra_provenance or {})}
-    return PruningPlan(settings.model_name, settings.method, settings.pruning_ratio,
-                       model_shapes(model), layers_kept, prov)
-
-
-def _global(scorer: str):
-    def method(model, batches, settings: PruneSettings) -> MethodResult:
-        shapes = model_shapes(model)
-        layers = layer_range(len(shapes), settings.layer_start, settings.layer_end)
-        t0 = time.perf_counter()
-        scores = get_scorer(scorer)(model, batches, settings.score_settings())
-        elapsed = time.perf_counter() - t0
-        if scorer == "taylor":  # conditioning; the defaults give the plain global ranking
-            kept, info = conditioned_plan(shapes, scores, settings.pruning_ratio, layers,
-                                          settings.conditioning())
-            return MethodResult(make_plan(model, settings, kept, {"conditioning": info["conditioning"]}),
-                                scores, elapsed, info)
-        kept = global_plan_layers(shapes, scores, settings.pruning_ratio, layers)
-        return MethodResult(make_plan(model, settings, kept), scores, elapsed)
-    method.__doc__ = f"Global ranking of {scorer} scores (per-parameter) across the model."
-    return method
-
-
-register_method("taylor")(_global("taylor"))
-register_method("magnitude", needs_calibration=False)(_global("magnitude"))
-register_method("random", needs_calibration=False)(_global("random"))
-
-
-def _nonuniform(granularity: str):
-    def method(model, batches, settings: PruneSettings) -> MethodResult:
-        shapes = model_shapes(model)
-        layers = layer_range(len(shapes), settings.layer_start, settings.layer_end)
-        target = check_reachable(shapes, layers, settings.pruning_ratio)
-        check_rate_settings(settings.pruning_strategy, settings.alpha, settings.min_pruning_rate,
-                            settings.max_pruning_rate)
-        t0 = time.perf_counter()
-        imp = settings.layer_importance
-        if imp is None:
-            imp = compute_layer_importance(model, batches[: settings.importance_samples],
-                                           settings.importance_method, granularity,
-                                           settings.batch_size, settings.model_name)
-        imp.check_compatible(settings.model_name, shapes, granularity)
-        scores = get_scorer("taylor")(model, batches, settings.score_settings())
-        elapsed = time.perf_counter() - t0
-        kept, rows = nonuniform_plan(shapes, scores, imp, granularity, layers, target, settings)
-        prov = {"layer_importance": {"method": imp.method, "granularity": imp.granularity,
-                                     "layer": imp.layer, "attn": imp.attn, "mlp": imp.mlp},
-                "rates": rows}
-        return MethodResult(make_plan(model, settings, kept, prov), scores, elapsed,
-                            {"layer_rates": rows, "layer_importance": imp})
-    method.__doc__ = (f"Per-{granularity} pruning rates from {granularity} importance (rates.py); "
-                      "Taylor ranks the units inside each " + granularity + ".")
-    return method
-
-
-def nonuniform_plan(shapes, scores: UnitScores, imp, granularity: str, layers: range, target: int,
-                    settings: PruneSettings):
-    """Items (layer or attention/MLP block), their rates, and the units that meet them."""
-    if granularity == "layer":
-        items = [(i, None) for i in layers]
-        values = [imp.layer[i] for i in layers]
-    else:
-        items = [(i, k) for i in layers for k in ("attn", "mlp")]
-        values = [(imp.attn if k == "attn" else imp.mlp)[i] for i, k in items]
-    sizes = [item_size(shapes[i], k) for i, k in items]
-    rates = allocate_rates(values, sizes, target, settings.pruning_strategy, settings.alpha,
-                           settings.min_pruning_rate, settings.max_pruning_rate)
-    kept = units_from_rates(shapes, scores, items, rates, settings.min_pruning_rate,
-                            settings.max_pruning_rate)
-    return kept, rate_rows(items, values, sizes, rates, shapes, kept)
-
-
-register_method("layerwise")(_nonuniform("layer"))
-register_method("blockwise")(_nonuniform("block"))
-
-
-def run_method(model, batches, settings: PruneSettings) -> MethodResult:
-    return get_method(settings.method)(model, batches, settings)
+def select(model, batches, method: str, cfg, *, batch_size: int = 4, seed: int = 0, model_name: str = "",
+           layer_importance=None, provenance: Provenance | None = None) -> Selection:
+    """Score the units and allocate: ``cfg`` is the structured config section
+    (``gqaprune.structured.config.StructuredConfig``), batches LongTensor [N, T] or None."""
+    r = resolve(method, cfg.scorer)
+    shapes = model_shapes(model)
+    layers = layer_range(len(shapes), cfg.layer_start, cfg.layer_end)
+    t0 = time.perf_counter()
+    scores = r.scorer(model, batches, getattr(cfg, r.scorer.section) if r.scorer.section else None,
+                      batch_size=batch_size, seed=seed)
+    elapsed = time.perf_counter() - t0
+    alloc = r.allocator(AllocationRequest(
+        model, batches, shapes, scores, layers, cfg.pruning_ratio,
+        getattr(cfg, r.allocator.section) if r.allocator.section else None, batch_size, model_name,
+        layer_importance))
+    prov = (provenance or Provenance()).with_selection(cfg, r, seed, batch_size, alloc)
+    plan = PruningPlan(model_name, method, cfg.pruning_ratio, shapes, alloc.kept, prov)
+    return Selection(plan, scores, alloc, elapsed)

@@ -7,13 +7,83 @@ logged as JSON, can be inspected by analysis, and replayed on the same model.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from gqaprune.config import flat
 from gqaprune.errors import UserError
 from gqaprune.structured.units import LayerShape
 
 PLAN_FORMAT = "gqaprune.plan/v1"
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """Which calibration windows a step used (seeded random windows, see gqaprune.data)."""
+    dataset: str
+    num_samples: int
+    seq_len: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class ReconstructionInfo:
+    mode: str
+    target: str
+    damping: float
+    dataset: str
+    num_samples: int
+    seq_len: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """How a plan was made: JSON-compatible with every plan written so far (keys as before;
+    unknown keys of other versions are kept in ``extra``)."""
+    settings: dict = field(default_factory=dict)         # method + every setting of the selection
+    calibration: DataInfo | None = None
+    conditioning: dict | None = None                      # Conditioning.to_dict() (global allocator)
+    layer_importance: dict | None = None                  # method, granularity, per-layer/-block values
+    rates: list | None = None                             # RateRow dicts (layerwise / blockwise)
+    reconstruction: ReconstructionInfo | None = None
+    replayed_from: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        out = dict(self.extra)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or value is None:
+                continue
+            out[f.name] = asdict(value) if isinstance(value, (DataInfo, ReconstructionInfo)) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Provenance":
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)} - {"extra"}
+        kw = {k: data.pop(k) for k in list(data) if k in known}
+        for key, typ in (("calibration", DataInfo), ("reconstruction", ReconstructionInfo)):
+            if isinstance(kw.get(key), dict):
+                try:
+                    kw[key] = typ(**kw[key])
+                except TypeError:       # another version's layout: keep it untyped
+                    data[key] = kw.pop(key)
+        return cls(**kw, extra=data)
+
+    def with_selection(self, cfg, resolved, seed: int, batch_size: int, alloc) -> "Provenance":
+        """Record the structured settings and what the allocator decided."""
+        settings = {"method": resolved.method, "scorer": resolved.scorer_name,
+                    "allocator": resolved.allocator_name, "batch_size": batch_size, "seed": seed,
+                    **{k: v for k, v in flat(cfg).items() if k != "plan"}}
+        imp = alloc.layer_importance
+        return replace(self, settings=settings,
+                       conditioning=alloc.conditioning.conditioning.to_dict() if alloc.conditioning else None,
+                       layer_importance=None if imp is None else {
+                           "method": imp.method, "granularity": imp.granularity, "layer": imp.layer,
+                           "attn": imp.attn, "mlp": imp.mlp},
+                       rates=None if alloc.rates is None else [asdict(r) for r in alloc.rates])
 
 
 @dataclass
@@ -29,7 +99,7 @@ class PruningPlan:
     target_ratio: float
     original: list[LayerShape]
     layers: list[LayerPlan]
-    provenance: dict = field(default_factory=dict)
+    provenance: Provenance = field(default_factory=Provenance)
 
     # ---- derived numbers ---------------------------------------------------------------
     def pruned_shapes(self) -> list[LayerShape]:
@@ -67,7 +137,7 @@ class PruningPlan:
         return {"format": PLAN_FORMAT, "model": self.model, "method": self.method,
                 "target_ratio": self.target_ratio, "achieved_ratio": self.achieved_ratio(),
                 "original": [s.to_dict() for s in self.original],
-                "layers": [asdict(lp) for lp in self.layers], "provenance": self.provenance}
+                "layers": [asdict(lp) for lp in self.layers], "provenance": self.provenance.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "PruningPlan":
@@ -77,7 +147,7 @@ class PruningPlan:
         return cls(data["model"], data["method"], float(data["target_ratio"]),
                    [LayerShape(**s) for s in data["original"]],
                    [LayerPlan(list(lp["kept_kv_groups"]), list(lp["kept_channels"]))
-                    for lp in data["layers"]], dict(data.get("provenance", {})))
+                    for lp in data["layers"]], Provenance.from_dict(data.get("provenance", {})))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

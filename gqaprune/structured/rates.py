@@ -31,30 +31,74 @@ channels moved to meet the overall target.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
-from gqaprune.structured.allocation import kept_from_removed, ranking_key
-from gqaprune.structured.importance import UnitScores
+from gqaprune.registry import Registry
+from gqaprune.structured.allocation import (ALLOCATORS, Allocation, AllocationRequest, Allocator,
+                                             check_reachable, kept_from_removed, ranking_key)
+from gqaprune.structured.layer_importance import IMPORTANCE_METHODS, LayerImportance, compute_layer_importance
 from gqaprune.structured.plan import LayerPlan
+from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.units import LayerShape
 
-STRATEGIES = ("inverse", "proportional", "uniform")
+# strategy: (ln(d_i / g) [n] float64, alpha) -> unnormalised shares s_i (module docstring)
+STRATEGIES: Registry = Registry("pruning_strategy")
+STRATEGIES.register("inverse", lambda logs, alpha: torch.exp((-alpha * logs).clamp(-300, 300)))
+STRATEGIES.register("proportional", lambda logs, alpha: torch.exp((alpha * logs).clamp(-300, 300)))
+STRATEGIES.register("uniform", lambda logs, alpha: torch.ones_like(logs))
 _FLOOR = 1e-6
 
 
-def check_rate_settings(strategy: str, alpha: float, min_rate: float, max_rate: float) -> None:
-    if strategy not in STRATEGIES:
-        raise UserError(f"unknown pruning_strategy '{strategy}'", f"use one of {', '.join(STRATEGIES)}")
-    if not (alpha >= 0 and math.isfinite(alpha)):
-        raise UserError(f"alpha must be a finite number >= 0, got {alpha}", "pass e.g. alpha=1 (0 = uniform)")
-    for name, v in (("min_pruning_rate", min_rate), ("max_pruning_rate", max_rate)):
-        if not 0.0 <= v <= 1.0:
-            raise UserError(f"{name} must be in [0, 1], got {v}", "pass a fraction such as 0.15")
-    if min_rate > max_rate:
-        raise UserError(f"min_pruning_rate {min_rate} is greater than max_pruning_rate {max_rate}",
-                        "pass min_pruning_rate <= max_pruning_rate")
+def _is_uri(text: str) -> bool:
+    return "://" in text or text.startswith(("runs:/", "models:/"))
+
+
+@dataclass(frozen=True)
+class RatesConfig(Section):
+    """layerwise / blockwise: per-layer (per-block) rates from layer importance"""
+    importance_method: str = knob("removal", "removal: loss increase when a layer is skipped; activation: "
+                                  "1 - cos(input, output) of its activations",
+                                  choices=lambda: IMPORTANCE_METHODS.names())
+    importance_samples: int = knob(32, "calibration samples (of taylor_seq_len tokens) for the layer importance",
+                                   low=1, example="32")
+    importance_config: str | None = knob(None, "reuse a layer_importance_config.json (path or runs:/<run>/...) "
+                                         "and skip the analysis")
+    skip_importance_analysis: bool = knob(False, "true: reuse importance_config (required) instead of measuring")
+    pruning_strategy: str = knob("inverse", "how importance maps to rates", choices=lambda: STRATEGIES.names())
+    alpha: float = knob(1.0, "how strongly rates differ (0 = uniform)", low=0.0, fix="pass e.g. alpha=1 (0 = uniform)")
+    min_pruning_rate: float = knob(0.15, "lowest rate of any layer (block)", low=0.0, high=1.0,
+                                   fix="pass a fraction such as 0.15")
+    max_pruning_rate: float = knob(0.5, "highest rate of any layer (block)", low=0.0, high=1.0,
+                                   fix="pass a fraction such as 0.15")
+
+    def check(self) -> None:
+        if self.min_pruning_rate > self.max_pruning_rate:
+            raise UserError(f"min_pruning_rate {self.min_pruning_rate} is greater than max_pruning_rate "
+                            f"{self.max_pruning_rate}", "pass min_pruning_rate <= max_pruning_rate")
+        if self.skip_importance_analysis and self.importance_config is None:
+            raise UserError("skip_importance_analysis=true but no importance_config to reuse",
+                            "pass importance_config=<layer_importance_config.json or "
+                            "runs:/<run_id>/layer_importance_config.json>, or drop skip_importance_analysis")
+        if self.importance_config is not None and not _is_uri(self.importance_config) \
+                and not Path(self.importance_config).expanduser().is_file():
+            raise UserError(f"importance_config '{self.importance_config}' not found",
+                            "pass a layer_importance_config.json path or runs:/<run_id>/layer_importance_config.json")
+
+
+@dataclass(frozen=True)
+class RateRow:
+    """One item (a layer, or its attention / MLP block): importance, target and achieved rate."""
+    layer: int
+    block: str            # layer | attn | mlp
+    importance: float
+    params: int
+    target_rate: float
+    achieved_rate: float
 
 
 def check_reachable_rates(ratio_of_items: float, min_rate: float, max_rate: float,
@@ -73,22 +117,22 @@ def check_reachable_rates(ratio_of_items: float, min_rate: float, max_rate: floa
 
 def strategy_shares(importance: list[float], strategy: str, alpha: float) -> torch.Tensor:
     """Unnormalised shares s_i (float64 [n]) of per-parameter importances d_i (module docstring)."""
+    share = STRATEGIES.get(strategy)
     imp = torch.tensor(importance, dtype=torch.float64)
-    if strategy == "uniform" or alpha == 0 or len(importance) == 0:
+    if alpha == 0 or len(importance) == 0:
         return torch.ones_like(imp)
     top = float(imp.abs().max()) if imp.numel() else 0.0
     if top == 0 or not math.isfinite(top):
         return torch.ones_like(imp)
     imp = imp.clamp_min(_FLOOR * top)
     logs = imp.log() - imp.log().mean()            # ln(I_i / g)
-    sign = -1.0 if strategy == "inverse" else 1.0
-    return torch.exp((sign * alpha * logs).clamp(-300, 300))  # beyond e^300 the clamps decide anyway
+    return share(logs, alpha)   # clamped exponents: beyond e^300 the rate clamps decide anyway
 
 
 def allocate_rates(importance: list[float], sizes: list[int], target: float, strategy: str = "inverse",
                    alpha: float = 1.0, min_rate: float = 0.15, max_rate: float = 0.5) -> list[float]:
     """Rates r_i in [min_rate, max_rate] with sum r_i * sizes_i == target (parameters)."""
-    check_rate_settings(strategy, alpha, min_rate, max_rate)
+    RatesConfig(pruning_strategy=strategy, alpha=alpha, min_pruning_rate=min_rate, max_pruning_rate=max_rate)
     if len(importance) != len(sizes):
         raise ValueError("one importance per item")
     P = torch.tensor(sizes, dtype=torch.float64)
@@ -212,7 +256,7 @@ def _rebalance(shapes, scores, items, removed, gone, target, min_rate, max_rate)
 
 
 def rate_rows(items: list[tuple[int, str | None]], importance: list[float], sizes: list[int],
-              rates: list[float], shapes: list[LayerShape], kept: list[LayerPlan]) -> list[dict]:
+              rates: list[float], shapes: list[LayerShape], kept: list[LayerPlan]) -> list[RateRow]:
     """One row per item: importance, target rate, achieved rate (for tables / metrics)."""
     rows = []
     for (layer, kind), imp, size, rate in zip(items, importance, sizes, rates):
@@ -220,6 +264,46 @@ def rate_rows(items: list[tuple[int, str | None]], importance: list[float], size
         gone = {"attn": (s.n_kv - len(lp.kept_kv_groups)) * s.group_cost,
                 "mlp": (s.intermediate - len(lp.kept_channels)) * s.channel_cost}
         achieved = (gone["attn"] + gone["mlp"]) if kind is None else gone[kind]
-        rows.append({"layer": layer, "block": kind or "layer", "importance": imp, "params": size,
-                     "target_rate": rate, "achieved_rate": achieved / size})
+        rows.append(RateRow(layer, kind or "layer", imp, size, rate, achieved / size))
     return rows
+
+
+# ---- the layerwise / blockwise allocators -------------------------------------------------------
+
+def nonuniform_plan(shapes, scores: UnitScores, imp: LayerImportance, granularity: str, layers: range,
+                    target: int, section: RatesConfig) -> tuple[list[LayerPlan], list[RateRow]]:
+    """Items (layer or attention/MLP block), their rates, and the units that meet them."""
+    if granularity == "layer":
+        items = [(i, None) for i in layers]
+        values = [imp.layer[i] for i in layers]
+    else:
+        items = [(i, k) for i in layers for k in ("attn", "mlp")]
+        values = [(imp.attn if k == "attn" else imp.mlp)[i] for i, k in items]
+    sizes = [item_size(shapes[i], k) for i, k in items]
+    rates = allocate_rates(values, sizes, target, section.pruning_strategy, section.alpha,
+                           section.min_pruning_rate, section.max_pruning_rate)
+    kept = units_from_rates(shapes, scores, items, rates, section.min_pruning_rate,
+                            section.max_pruning_rate)
+    return kept, rate_rows(items, values, sizes, rates, shapes, kept)
+
+
+def _nonuniform(granularity: str):
+    def allocate(req: AllocationRequest) -> Allocation:
+        section = req.section or RatesConfig()
+        target = check_reachable(req.shapes, req.layers, req.ratio)
+        imp = req.layer_importance
+        if imp is None:  # library use: measure on the first importance_samples calibration windows
+            imp = compute_layer_importance(req.model, req.batches[: section.importance_samples],
+                                           section.importance_method, granularity, req.batch_size,
+                                           req.model_name)
+        imp.check_compatible(req.model_name, req.shapes, granularity)
+        kept, rows = nonuniform_plan(req.shapes, req.scores, imp, granularity, req.layers, target, section)
+        return Allocation(kept, rates=rows, layer_importance=imp)
+    allocate.__doc__ = f"Per-{granularity} rates from {granularity} importance, units ranked inside each {granularity}."
+    return allocate
+
+
+ALLOCATORS.register("layerwise", Allocator(_nonuniform("layer"), section="rates", importance="layer",
+                                           summary="one rate per decoder layer from layer importance"))
+ALLOCATORS.register("blockwise", Allocator(_nonuniform("block"), section="rates", importance="block",
+                                           summary="one rate per attention / MLP block from block importance"))

@@ -41,24 +41,28 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
+from gqaprune.registry import Registry
 from gqaprune import arch
 from gqaprune.arch import CFG_DOWN_BIAS, CFG_O_BIAS
 from gqaprune.calibrate import LayerWalker, StopForward
 from gqaprune.structured.plan import PruningPlan
-from gqaprune.structured.surgery import prune_layer, record_layer_sizes
+from gqaprune.structured.surgery import apply_plan, prune_layer, record_layer_sizes
 from gqaprune.structured.units import model_shapes
 
-MODES = ("none", "lstsq", "bias")
+# mode -> the target it refits to by default: the one measured best on stories260K (README): the
+# full refit absorbs the accumulated drift; bias compensation is FLAP's (the removed columns' mean).
+MODES: Registry[str] = Registry("reconstruct mode")
+MODES.register("none", "local")
+MODES.register("lstsq", "residual")
+MODES.register("bias", "local")
 # Which dense quantity the refit projection's output must match (see ``_targets``):
 #   residual – the dense residual stream after the sub-block: Y = dense_after - pruned_before
 #              (also absorbs the drift accumulated by earlier layers);
 #   dense    – the dense sub-block's output on the dense model's own hidden states;
 #   local    – the dense sub-block applied to the pruned model's hidden states (mimic the function).
 TARGETS = ("residual", "dense", "local")
-# Per mode, the target measured best on stories260K (see the README): the full refit absorbs the
-# accumulated drift; bias compensation is FLAP's (mean of the removed columns' contribution).
-DEFAULT_TARGETS = {"none": "local", "lstsq": "residual", "bias": "local"}
 PROJECTIONS = ("o_proj", "down_proj")
 
 # Per-layer bool lists recording which o_proj / down_proj carry a bias (gqaprune.arch.CFG_O_BIAS,
@@ -72,28 +76,37 @@ PIVOT_TOL = {False: 1e-6, True: 1e-12}
 
 
 @dataclass(frozen=True)
-class ReconstructSettings:
-    mode: str = "lstsq"
-    damping: float = 0.05
+class ReconstructionConfig(Section):
+    """reconstruction after surgery (refit o_proj / down_proj, no training)"""
+    reconstruct: str = knob("lstsq", "lstsq: least-squares refit of the kept columns; bias: FLAP-style "
+                            "bias compensation; none: surgery only", choices=lambda: MODES.names(),
+                            kind="reconstruct mode")
+    reconstruct_samples: int = knob(128, "calibration sequences for the reconstruction", low=1,
+                                    fix="pass a larger reconstruct_samples (default 128)")
+    reconstruct_seq_len: int = knob(128, "tokens per reconstruction sequence (BOS first)", low=2,
+                                    fix="pass a larger reconstruct_seq_len (default 128)")
+    damping: float = knob(0.05, "ridge damping relative to mean(diag(X^T X)), >= 0", low=0.0,
+                          must="a finite number >= 0",
+                          fix="pass e.g. --damping 0.05 (relative to the mean diagonal of X^T X)")
+    # Not flags: set by code (the pipeline passes the calibration batch size).
+    target: str | None = None          # None: the mode's default target (MODES)
     batch_size: int = 8
-    target: str | None = None          # None: DEFAULT_TARGETS[mode]
     show_progress: bool = True
 
     def __post_init__(self):
-        if self.target is None and self.mode in DEFAULT_TARGETS:
-            object.__setattr__(self, "target", DEFAULT_TARGETS[self.mode])
+        if self.target is None and self.reconstruct in MODES:
+            object.__setattr__(self, "target", MODES.get(self.reconstruct))
+        super().__post_init__()
 
     def check(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"unknown reconstruct mode '{self.mode}'", f"use one of {', '.join(MODES)}")
         if self.target not in TARGETS:
-            raise UserError(f"unknown reconstruction target '{self.target}'",
-                            f"use one of {', '.join(TARGETS)}")
-        if not self.damping >= 0 or not math.isfinite(self.damping):
-            raise UserError(f"damping must be a finite number >= 0, got {self.damping}",
-                            "pass e.g. --damping 0.05 (relative to the mean diagonal of X^T X)")
+            raise UserError(f"unknown reconstruction target '{self.target}'", f"use one of {', '.join(TARGETS)}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}", "pass a positive batch_size")
+
+    @property
+    def mode(self) -> str:
+        return self.reconstruct
 
 
 @dataclass
@@ -111,7 +124,7 @@ class ProjectionReport:
 
 @dataclass
 class ReconstructResult:
-    settings: ReconstructSettings
+    settings: ReconstructionConfig
     reports: list[ProjectionReport] = field(default_factory=list)
     time_s: float = 0.0
 
@@ -275,7 +288,7 @@ class _Streams:
 # ---- the refit of one projection ---------------------------------------------------------------
 @torch.no_grad()
 def _refit(layer, dense_layer, proj: str, layer_idx: int, streams: _Streams,
-           settings: ReconstructSettings) -> ProjectionReport:
+           settings: ReconstructionConfig) -> ProjectionReport:
     """Accumulate statistics over all chunks, solve, and write the new weights/bias of ``proj``.
 
     o_proj runs only the attention blocks. The down_proj pass, the last use of the layer inputs,
@@ -388,7 +401,7 @@ def min_tokens_needed(plan: PruningPlan) -> int:
     return max(cols)
 
 
-def check_calibration(plan: PruningPlan, n_tokens: int, settings: ReconstructSettings) -> None:
+def check_calibration(plan: PruningPlan, n_tokens: int, settings: ReconstructionConfig) -> None:
     """Damping 0 with fewer tokens than kept columns is under-determined: refuse it up front."""
     need = min_tokens_needed(plan)
     if settings.mode == "lstsq" and settings.damping == 0 and n_tokens < need:
@@ -399,25 +412,25 @@ def check_calibration(plan: PruningPlan, n_tokens: int, settings: ReconstructSet
 
 
 @torch.no_grad()
-def prune_and_reconstruct(model, plan: PruningPlan, batches: torch.Tensor,
-                          settings: ReconstructSettings) -> ReconstructResult:
-    """Apply ``plan`` layer by layer, refitting o_proj then down_proj of each pruned layer.
+def prune_and_reconstruct(model, plan: PruningPlan, batches: torch.Tensor | None,
+                          settings: ReconstructionConfig) -> ReconstructResult:
+    """The one commit path: apply ``plan`` and (unless mode ``none``) refit o_proj then down_proj
+    of each pruned layer, layer by layer.
 
-    batches: LongTensor [n, T] of calibration token ids. The resulting architecture is exactly
-    that of ``surgery.apply_plan`` (plus o_proj/down_proj biases in ``bias`` mode).
+    batches: LongTensor [n, T] of calibration token ids (unused, may be None, for mode none). The
+    resulting architecture is exactly that of ``surgery.apply_plan`` (plus o_proj/down_proj biases
+    in ``bias`` mode).
     """
-    settings.check()
+    result = ReconstructResult(settings)
+    t0 = time.perf_counter()
+    if settings.mode == "none":
+        apply_plan(model, plan)
+        result.time_s = time.perf_counter() - t0
+        return result
     shapes = model_shapes(model)
     plan.check_compatible(shapes)
     check_calibration(plan, batches.numel(), settings)
-    result = ReconstructResult(settings)
-    t0 = time.perf_counter()
-    layers = arch.decoder_layers(model)
-    if settings.mode == "none":
-        for layer, shape, lp in zip(layers, shapes, plan.layers):
-            prune_layer(layer, shape, lp.kept_kv_groups, lp.kept_channels)
-    else:
-        _reconstruct_layers(model, layers, shapes, plan, batches, settings, result)
+    _reconstruct_layers(model, arch.decoder_layers(model), shapes, plan, batches, settings, result)
     record_layer_sizes(model)
     if settings.mode == "bias":
         record_bias_flags(model)

@@ -1,0 +1,250 @@
+"""Floor 4: one prune run as a core function with typed results.
+
+    outcome = prune(model, tokenizer, config, model_alias="Llama", model_path="meta-llama/...")
+
+1. calibration windows (``data``) for the scorer, if it needs them;
+2. layer importance (measured on its own windows, or reused) for allocators that need it;
+3. selection (``structured.methods.select``): scorer -> allocator -> a :class:`PruningPlan`,
+   or a plan given to replay;
+4. the one commit path (``structured.reconstruct.prune_and_reconstruct``): surgery, optionally
+   with the layer-by-layer refit of o_proj / down_proj;
+5. the gradient diagnosis of Taylor-based plans.
+
+Nothing here logs or parses flags: the entry point (``prune_entry/prune.py``) parses the config,
+loads the model, calls :func:`prune` and logs the :class:`PruneOutcome`.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from gqaprune import data
+from gqaprune.arch import count_parameters
+from gqaprune.config import Section, changed, flat, knob
+from gqaprune.data import CalibrationConfig
+from gqaprune.errors import UserError
+from gqaprune.loading import ModelConfig, RuntimeConfig
+from gqaprune.structured.allocation import layer_range
+from gqaprune.structured.conditioning import ConditioningInfo, conditioned_keys
+from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
+from gqaprune.structured.diagnosis import Diagnosis, diagnose, verdict
+from gqaprune.structured.layer_importance import LayerImportance, compute_layer_importance
+from gqaprune.structured.methods import METHODS, method_names, resolve, select
+from gqaprune.structured.plan import DataInfo, Provenance, PruningPlan, ReconstructionInfo
+from gqaprune.structured.rates import RateRow, check_reachable_rates
+from gqaprune.structured.reconstruct import ReconstructResult, prune_and_reconstruct
+from gqaprune.structured.scoring import UnitScores
+from gqaprune.structured.units import model_shapes
+
+PLAN_METHOD = "plan"    # the method label of a replayed plan
+
+
+@dataclass(frozen=True)
+class OutputConfig(Section):
+    """where the pruned model goes"""
+    output_dir: str | None = knob(None, "also keep the pruned model in this directory")
+    save_model: bool = knob(True, "log the pruned model as an artifact (false: plan and metrics only)")
+
+
+@dataclass(frozen=True)
+class PruneConfig(Section):
+    """prune: structured GQA-aware pruning of a causal LM"""
+    method: str = knob("taylor", "pruning method (a scorer + an allocator; a scorer's name: that scorer, "
+                       "ranked globally)", choices=lambda: method_names())
+    model: ModelConfig = field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def check(self) -> None:
+        if self.structured.plan is not None:
+            return      # a replay decides nothing: the plan's own settings hold
+        r = resolve(self.method, self.structured.scorer)
+        s = self.structured
+        if r.allocator.importance and s.layer_start is None and s.layer_end is None:
+            # all layers pruned: the average rate is the ratio itself
+            check_reachable_rates(s.pruning_ratio, s.rates.min_pruning_rate, s.rates.max_pruning_rate)
+
+    @property
+    def method_label(self) -> str:
+        return PLAN_METHOD if self.structured.plan else self.method
+
+
+def readers_of(section: str) -> list[str]:
+    """The methods whose scorer or allocator reads a config section."""
+    return [m for m in method_names() if section in resolve(m).sections]
+
+
+def applicable(config: PruneConfig) -> tuple[PruneConfig, dict]:
+    """The config with the method-specific sections the method does not read reset to their
+    defaults, and the values that were set there (``{name: value}``). Entry points say so before
+    the run starts and tag the run; params and plans then record only what the method used."""
+    if config.structured.plan is not None:
+        return config, {}
+    reads = resolve(config.method, config.structured.scorer).sections
+    dropped, sections = {}, {}
+    for name in METHOD_SECTIONS:
+        diff = changed(config.structured, name)
+        if name not in reads and diff:
+            dropped.update(diff)
+            sections[name] = type(getattr(config.structured, name))()
+    if not dropped:
+        return config, {}
+    return replace(config, structured=replace(config.structured, **sections)), dropped
+
+
+def not_applied_note(config: PruneConfig, dropped: dict) -> str:
+    groups = {name: [k for k in dropped if k in flat(getattr(config.structured, name))]
+              for name in METHOD_SECTIONS}
+    parts = [f"{', '.join(keys)} (read by {', '.join(readers_of(name))})" for name, keys in groups.items() if keys]
+    return (f"note: method {config.method} does not read {'; '.join(parts)}: "
+            f"{'it is' if len(dropped) == 1 else 'they are'} not used and not logged")
+
+
+@dataclass(frozen=True)
+class PruneInputs:
+    """Artifacts the entry point fetched for this run (a plan to replay, an importance to reuse)."""
+    plan: PruningPlan | None = None
+    plan_source: str | None = None             # what the user passed (path or runs:/ URI)
+    layer_importance: LayerImportance | None = None
+    importance_source: str | None = None
+
+
+@dataclass
+class Timings:
+    scoring_s: float = 0.0
+    importance_s: float = 0.0
+    reconstruction_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class PruneOutcome:
+    plan: PruningPlan
+    scores: UnitScores | None
+    layer_importance: LayerImportance | None
+    rates: list[RateRow] | None
+    conditioning: ConditioningInfo | None
+    diagnosis: Diagnosis | None
+    reconstruction: ReconstructResult | None
+    timings: Timings
+    calibration_source: str                    # the resolved calibration dataset
+    params_before: int
+    params_after: int
+
+
+def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path: str,
+          inputs: PruneInputs = PruneInputs()) -> PruneOutcome:
+    """Decide (or replay) a plan, commit it to ``model`` in place, and diagnose it."""
+    t0 = time.perf_counter()
+    params_before = count_parameters(model)
+    source = config.calibration.source(model_alias)
+    if inputs.plan is not None:
+        plan, sel, imp, t_imp = _replay(model, inputs), None, None, 0.0
+        source = _reconstruction_source(config, plan, source)
+    else:
+        imp, t_imp = _layer_importance(model, tokenizer, config, source, model_path, inputs)
+        sel = _select(model, tokenizer, config, source, model_path, imp)
+        plan = sel.plan
+    recon = _commit(model, tokenizer, config, plan, source)
+    total = time.perf_counter() - t0
+    alloc = sel.allocation if sel else None
+    diag = None if sel is None else _diagnosis(config, sel)
+    return PruneOutcome(plan, sel.scores if sel else None, imp, alloc.rates if alloc else None,
+                        alloc.conditioning if alloc else None, diag, recon,
+                        Timings(sel.scoring_time_s if sel else 0.0, t_imp,
+                                recon.time_s if recon else 0.0, total),
+                        source, params_before, count_parameters(model))
+
+
+def _replay(model, inputs: PruneInputs) -> PruningPlan:
+    plan = inputs.plan
+    plan.check_compatible(model_shapes(model))
+    plan.provenance = replace(plan.provenance, replayed_from=inputs.plan_source)
+    return plan
+
+
+def _reconstruction_source(config: PruneConfig, plan: PruningPlan, default: str) -> str:
+    """Explicit calibration_dataset, else (replaying a plan) the data the plan was made with."""
+    if config.calibration.calibration_dataset != data.AUTO:
+        return default
+    for info in (plan.provenance.reconstruction, plan.provenance.calibration):
+        src = getattr(info, "dataset", None)
+        if src and data.is_available(src):
+            return src
+    return default
+
+
+def _windows(tokenizer, source: str, n: int, seq_len: int, seed: int):
+    return data.calibration_batches(tokenizer, source, n, seq_len, seed)
+
+
+def _layer_importance(model, tokenizer, config: PruneConfig, source: str, model_path: str,
+                      inputs: PruneInputs) -> tuple[LayerImportance | None, float]:
+    """Layer (block) importance for allocators that need it: reused, or measured on its own draw
+    of ``importance_samples`` windows. Returns (importance, seconds)."""
+    granularity = resolve(config.method, config.structured.scorer).allocator.importance
+    if granularity is None:
+        return None, 0.0
+    rates, calib = config.structured.rates, config.calibration
+    if inputs.layer_importance is not None:
+        imp = inputs.layer_importance
+        imp.check_compatible(model_path, model_shapes(model), granularity)
+        imp.details = {**imp.details, "reused_from": inputs.importance_source, "time_s": 0.0}
+        return imp, 0.0
+    ids = _windows(tokenizer, source, rates.importance_samples, calib.taylor_seq_len, calib.seed)
+    t0 = time.perf_counter()
+    imp = compute_layer_importance(
+        model, ids, rates.importance_method, granularity, calib.batch_size, model_path,
+        extra={"calibration": {"dataset": source, "num_samples": rates.importance_samples,
+                               "seq_len": calib.taylor_seq_len, "seed": calib.seed}})
+    imp.details["time_s"] = time.perf_counter() - t0
+    return imp, imp.details["time_s"]
+
+
+def _select(model, tokenizer, config: PruneConfig, source: str, model_path: str, imp):
+    calib = config.calibration
+    r = resolve(config.method, config.structured.scorer)
+    batches, prov = None, Provenance()
+    if r.scorer.needs_calibration:
+        batches = _windows(tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed)
+        prov = Provenance(calibration=DataInfo(source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed))
+    return select(model, batches, config.method, config.structured, batch_size=calib.batch_size,
+                  seed=calib.seed, model_name=model_path, layer_importance=imp, provenance=prov)
+
+
+def _commit(model, tokenizer, config: PruneConfig, plan: PruningPlan, source: str) -> ReconstructResult | None:
+    """The one commit path: surgery, with the layer-by-layer refit unless reconstruct=none.
+    Records the refit's settings in the plan's provenance."""
+    rc = replace(config.structured.reconstruction, batch_size=config.calibration.batch_size)
+    calib = config.calibration
+    ids = None
+    if rc.reconstruct != "none":
+        ids = _windows(tokenizer, source, rc.reconstruct_samples, rc.reconstruct_seq_len, calib.seed)
+    result = prune_and_reconstruct(model, plan, ids, rc)
+    if rc.reconstruct == "none":
+        return None
+    plan.provenance = replace(plan.provenance, reconstruction=ReconstructionInfo(
+        rc.reconstruct, rc.target, rc.damping, source, rc.reconstruct_samples, rc.reconstruct_seq_len, calib.seed))
+    return result
+
+
+def remedy_settings(config: PruneConfig) -> dict:
+    """The settings the diagnosis verdict's remedy depends on (rates + conditioning sections)."""
+    return {**flat(config.structured.rates), **flat(config.structured.conditioning)}
+
+
+def _diagnosis(config: PruneConfig, sel) -> Diagnosis | None:
+    plan, s = sel.plan, config.structured
+    keys = None
+    if sel.allocation.conditioning is not None and sel.scores is not None:
+        keys = conditioned_keys(plan.original, sel.scores, s.conditioning)   # what the ranking compared
+    diag = diagnose(plan, sel.scores, layer_range(len(plan.original), s.layer_start, s.layer_end), keys)
+    if diag is None:
+        return None
+    diag.verdict = verdict(diag, remedy_settings(config))
+    if sel.allocation.conditioning is not None:
+        info = sel.allocation.conditioning.to_dict()
+        diag.conditioning, diag.block_correction = info["conditioning"], info["block_correction"]
+    return diag
