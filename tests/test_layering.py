@@ -49,11 +49,32 @@ def imports_of(path: Path, name: str) -> set[str]:
 
 
 def project_edges() -> dict[str, set[str]]:
+    """Module -> the project modules it imports. ``from pkg import sub`` (sub a module) is an edge
+    to ``pkg.sub`` only: Python initialises ``pkg`` first anyway, for every submodule alike."""
     mods = modules()
     edges = {}
     for name, path in mods.items():
-        edges[name] = {m for m in imports_of(path, name) if m in mods and m != name}
+        found = {m for m in imports_of(path, name) if m in mods and m != name}
+        via_sub = {m.rpartition(".")[0] for m in found if m.rpartition(".")[0] in found}
+        names_only = _names_imported(path, name, mods)
+        edges[name] = (found - via_sub) | (via_sub & names_only)
     return edges
+
+
+def _names_imported(path: Path, name: str, mods) -> set[str]:
+    """Packages from which a non-module name is imported (``from pkg import SomeClass``)."""
+    tree = ast.parse(path.read_text())
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
+            if any(f"{base}.{a.name}" not in mods for a in node.names):
+                out.add(base)
+    return out
 
 
 def test_core_imports_no_mlflow_no_argparse_and_nothing_above_it():
