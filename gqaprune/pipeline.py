@@ -32,11 +32,27 @@ from gqaprune.structured.layer_importance import LayerImportance, compute_layer_
 from gqaprune.structured.methods import METHODS, method_names, resolve, select
 from gqaprune.structured.plan import DataInfo, Provenance, PruningPlan, ReconstructionInfo
 from gqaprune.structured.rates import RateRow, check_reachable_rates
-from gqaprune.structured.reconstruct import ReconstructResult, prune_and_reconstruct
+from gqaprune.sparsity import SparsityOutcome, sparsify
+from gqaprune.sparsity import config as sparse_cfg
+from gqaprune.sparsity.compressed import check_compressed_export
+from gqaprune.sparsity.config import SparsitySection
+from gqaprune.structured.reconstruct import DEFAULT_DAMPING, ReconstructResult, prune_and_reconstruct
 from gqaprune.structured.scoring import UnitScores
 from gqaprune.structured.units import model_shapes
 
 PLAN_METHOD = "plan"    # the method label of a replayed plan
+STRUCTURED, SPARSITY = "structured", "sparsity"     # the two kinds of method
+# ``damping`` is shared: the relative damping of whichever second-order solve the method runs.
+DEFAULT_DAMPINGS = {STRUCTURED: DEFAULT_DAMPING, SPARSITY: sparse_cfg.DEFAULT_DAMPING}
+
+
+def all_methods() -> tuple[str, ...]:
+    """Structured methods (and scorers), then the sparsity methods."""
+    return (*method_names(), *sparse_cfg.METHODS)
+
+
+def method_kind(method: str) -> str:
+    return SPARSITY if method in sparse_cfg.METHODS else STRUCTURED
 
 
 @dataclass(frozen=True)
@@ -49,15 +65,28 @@ class OutputConfig(Section):
 @dataclass(frozen=True)
 class PruneConfig(Section):
     """prune: structured GQA-aware pruning of a causal LM"""
-    method: str = knob("taylor", "pruning method (a scorer + an allocator; a scorer's name: that scorer, "
-                       "ranked globally)", choices=lambda: method_names())
+    method: str = knob("taylor", "pruning method: structured (a scorer + an allocator; a scorer's name: that "
+                       "scorer ranked globally) or sparsity (wanda, sparsegpt, magnitude_unstructured, "
+                       "block_hybrid)", choices=lambda: all_methods())
+    damping: float | None = knob(None, "relative damping of the method's second-order solve: the lstsq refit "
+                                 "(none: 0.05) or sparsegpt (none: 0.01), relative to mean(diag(X^T X))",
+                                 low=0.0, must="a finite number >= 0",
+                                 fix="pass e.g. --damping 0.05 (relative to the mean diagonal of X^T X)")
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
+    sparsity: SparsitySection = field(default_factory=SparsitySection)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def check(self) -> None:
+        if self.kind == SPARSITY:
+            self._check_sparsity()
+            return
+        if self.sparsity.sparsity is not None:
+            raise UserError(f"sparsity applies to the sparsity methods ({', '.join(sparse_cfg.METHODS)}), not to "
+                            f"structured method {self.method}",
+                            "drop sparsity and pass pruning_ratio (the fraction of prunable parameters removed)")
         if self.structured.plan is not None:
             return      # a replay decides nothing: the plan's own settings hold
         r = resolve(self.method, self.structured.scorer)
@@ -66,9 +95,34 @@ class PruneConfig(Section):
             # all layers pruned: the average rate is the ratio itself
             check_reachable_rates(s.pruning_ratio, s.rates.min_pruning_rate, s.rates.max_pruning_rate)
 
+    def _check_sparsity(self) -> None:
+        if self.structured.pruning_ratio != StructuredConfig().pruning_ratio:
+            raise UserError(f"pruning_ratio applies to structured methods, not to sparsity method {self.method}",
+                            "drop pruning_ratio and pass sparsity (the fraction of weights set to zero), e.g. 0.5")
+        if self.structured.plan is not None:
+            raise UserError(f"plan replays structured plans, not sparsity method {self.method}",
+                            "drop plan, or replay with a structured method's plan")
+        self.sparsity.to_config(self.method, self.damping)          # the method's own rules
+        if self.sparsity.sparse_format == "compressed":
+            check_compressed_export(self.sparsity.sparsity_pattern)
+
+    @property
+    def kind(self) -> str:
+        return method_kind(self.method)
+
     @property
     def method_label(self) -> str:
-        return PLAN_METHOD if self.structured.plan else self.method
+        return PLAN_METHOD if self.structured.plan and self.kind == STRUCTURED else self.method
+
+    @property
+    def ratio(self) -> float | None:
+        """The run's target ratio: pruning_ratio (structured) or the target sparsity (sparsity)."""
+        if self.kind == STRUCTURED:
+            return self.structured.pruning_ratio
+        return self.sparsity.to_config(self.method, self.damping).target_sparsity()
+
+    def resolved_damping(self) -> float:
+        return DEFAULT_DAMPINGS[self.kind] if self.damping is None else self.damping
 
 
 def readers_of(section: str) -> list[str]:
@@ -77,13 +131,21 @@ def readers_of(section: str) -> list[str]:
 
 
 def applicable(config: PruneConfig) -> tuple[PruneConfig, dict]:
-    """The config with the method-specific sections the method does not read reset to their
-    defaults, and the values that were set there (``{name: value}``). Entry points say so before
+    """The config with the sections the method does not read reset to their defaults (the damping
+    resolved), and the values that were set there (``{name: value}``). Entry points say so before
     the run starts and tag the run; params and plans then record only what the method used."""
+    config = replace(config, damping=config.resolved_damping())
+    if config.kind == SPARSITY:
+        dropped = {k: v for k, v in changed(config.structured).items()}
+        if not dropped:
+            return config, {}
+        return replace(config, structured=StructuredConfig()), dropped
+    dropped = changed(config, "sparsity")
+    sparsity = SparsitySection() if dropped else config.sparsity
     if config.structured.plan is not None:
-        return config, {}
+        return replace(config, sparsity=sparsity), dropped
     reads = resolve(config.method, config.structured.scorer).sections
-    dropped, sections = {}, {}
+    sections = {}
     for name in METHOD_SECTIONS:
         diff = changed(config.structured, name)
         if name not in reads and diff:
@@ -91,13 +153,20 @@ def applicable(config: PruneConfig) -> tuple[PruneConfig, dict]:
             sections[name] = type(getattr(config.structured, name))()
     if not dropped:
         return config, {}
-    return replace(config, structured=replace(config.structured, **sections)), dropped
+    return replace(config, sparsity=sparsity, structured=replace(config.structured, **sections)), dropped
 
 
 def not_applied_note(config: PruneConfig, dropped: dict) -> str:
-    groups = {name: [k for k in dropped if k in flat(getattr(config.structured, name))]
-              for name in METHOD_SECTIONS}
-    parts = [f"{', '.join(keys)} (read by {', '.join(readers_of(name))})" for name, keys in groups.items() if keys]
+    groups: dict[str, list[str]] = {}
+    for name in dropped:
+        if name in flat(StructuredConfig()) and config.kind == SPARSITY:
+            groups.setdefault("structured pruning", []).append(name)
+        elif name in flat(SparsitySection()):
+            groups.setdefault("sparsity methods", []).append(name)
+        else:
+            section = next(s for s in METHOD_SECTIONS if name in flat(getattr(StructuredConfig(), s)))
+            groups.setdefault(", ".join(readers_of(section)), []).append(name)
+    parts = [f"{', '.join(keys)} (read by {who})" for who, keys in groups.items()]
     return (f"note: method {config.method} does not read {'; '.join(parts)}: "
             f"{'it is' if len(dropped) == 1 else 'they are'} not used and not logged")
 
@@ -121,7 +190,7 @@ class Timings:
 
 @dataclass
 class PruneOutcome:
-    plan: PruningPlan
+    plan: PruningPlan | None                   # structured methods (None for sparsity methods)
     scores: UnitScores | None
     layer_importance: LayerImportance | None
     rates: list[RateRow] | None
@@ -132,6 +201,7 @@ class PruneOutcome:
     calibration_source: str                    # the resolved calibration dataset
     params_before: int
     params_after: int
+    sparsity: SparsityOutcome | None = None    # sparsity methods
 
 
 def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path: str,
@@ -140,6 +210,8 @@ def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path
     t0 = time.perf_counter()
     params_before = count_parameters(model)
     source = config.calibration.source(model_alias)
+    if config.kind == SPARSITY:
+        return _sparsify(model, tokenizer, config, source, params_before, t0)
     if inputs.plan is not None:
         plan, sel, imp, t_imp = _replay(model, inputs), None, None, 0.0
         source = _reconstruction_source(config, plan, source)
@@ -163,6 +235,20 @@ def _replay(model, inputs: PruneInputs) -> PruningPlan:
     plan.check_compatible(model_shapes(model))
     plan.provenance = replace(plan.provenance, replayed_from=inputs.plan_source)
     return plan
+
+
+def _sparsify(model, tokenizer, config: PruneConfig, source: str, params_before: int, t0: float) -> PruneOutcome:
+    """Sparsity methods: zeros inside the weights, layer by layer on the walker."""
+    calib = config.calibration
+    scfg = config.sparsity.to_config(config.method, config.resolved_damping())
+    scfg.check_model(model)
+    ids = None
+    if scfg.needs_calibration:
+        ids = _windows(tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed)
+    outcome = sparsify(model, ids, scfg, batch_size=calib.batch_size)
+    return PruneOutcome(None, None, None, None, None, None, None,
+                        Timings(outcome.timings.statistics_s, 0.0, 0.0, time.perf_counter() - t0),
+                        source if ids is not None else "none", params_before, count_parameters(model), outcome)
 
 
 def _reconstruction_source(config: PruneConfig, plan: PruningPlan, default: str) -> str:
@@ -217,7 +303,8 @@ def _select(model, tokenizer, config: PruneConfig, source: str, model_path: str,
 def _commit(model, tokenizer, config: PruneConfig, plan: PruningPlan, source: str) -> ReconstructResult | None:
     """The one commit path: surgery, with the layer-by-layer refit unless reconstruct=none.
     Records the refit's settings in the plan's provenance."""
-    rc = replace(config.structured.reconstruction, batch_size=config.calibration.batch_size)
+    rc = replace(config.structured.reconstruction, batch_size=config.calibration.batch_size,
+                 damping=config.resolved_damping())
     calib = config.calibration
     ids = None
     if rc.reconstruct != "none":

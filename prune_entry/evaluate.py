@@ -24,6 +24,7 @@ from gqaprune.evaluation import zeroshot
 from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.evaluation.perplexity import PplProtocol, perplexity
 from gqaprune.loading import DEMO_ALIAS, load_model_and_tokenizer, resolve_model
+from gqaprune.sparsity import measure, overall_sparsity
 from gqaprune.utils import seed_everything
 from tracking import cli, runs, schema, store
 
@@ -165,6 +166,8 @@ def run(cfg: EvalConfig) -> dict:
         sp = speed_mod.measure_speed(model, model.config.vocab_size, t.speed_prompt_len,
                                      t.speed_new_tokens, t.speed_batch_size, t.speed_repeats, cfg.seed)
     log_speed(facts, sp)
+    sparsity = overall_sparsity(measure(model))     # zeros share of the projection weights
+    runs.log_metrics({schema.M_MODEL_SPARSITY: sparsity})
     ppl = run_perplexity(cfg, model, tokenizer, sources)
     log_perplexity(ppl)
     zs = None
@@ -180,7 +183,8 @@ def run(cfg: EvalConfig) -> dict:
     runs.log_metrics({schema.M_EVAL_TIME: elapsed})
     results = {"config": flat(cfg),
                "model": {"uri": cfg.model_uri, "path": spec.path, "alias": spec.alias,
-                         schema.TAG_SOURCE_RUN: resolved.source_run_id, **facts.to_dict()},
+                         schema.TAG_SOURCE_RUN: resolved.source_run_id, **facts.to_dict(),
+                         schema.M_MODEL_SPARSITY: sparsity},
                "speed": sp.to_dict() | {"protocol": sp.describe()} if sp else None,
                "perplexity": ppl, "zeroshot": zs.to_dict() if zs else None,
                schema.A_OFFLINE_TASKS: task_infos, schema.M_EVAL_TIME: elapsed}
@@ -193,7 +197,9 @@ def run(cfg: EvalConfig) -> dict:
 
 
 def summary_text(results: dict) -> str:
-    lines = [f"model {results['model']['uri']}: {results['model']['params']:,} parameters"]
+    sparsity = results["model"].get(schema.M_MODEL_SPARSITY) or 0.0
+    lines = [f"model {results['model']['uri']}: {results['model']['params']:,} parameters"
+             + (f", {sparsity:.1%} of the projection weights zero" if sparsity > 0.01 else "")]
     sp = results.get("speed")
     if sp:
         lines.append(f"  speed: prefill {sp['prefill_tokens_per_s']:.0f} tok/s, decode "

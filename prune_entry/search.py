@@ -33,7 +33,7 @@ from gqaprune.config import Section, flat, knob, leaves, parse_flat
 from gqaprune.errors import UserError
 from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.loading import DEMO_ALIAS, resolve_model
-from gqaprune.pipeline import PruneConfig, applicable, readers_of
+from gqaprune.pipeline import STRUCTURED, PruneConfig, all_methods, applicable, method_kind, readers_of
 from gqaprune.structured import methods
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from prune_entry import evaluate, prune
@@ -301,7 +301,8 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
         config=cli["config"])
     for m in cfg.methods:
-        methods.method_spec(m)
+        if m not in all_methods():
+            raise UserError(f"unknown method '{m}'", f"use one of {', '.join(all_methods())}")
     _check_prune_names(cfg.grid, "grid")
     _check_prune_names(cfg.prune_args, "prune_args")
     for model in cfg.models:
@@ -378,7 +379,9 @@ def plan_points(cfg: SearchConfig) -> list[Point]:
     combos = itertools.product(cfg.models, cfg.methods, cfg.ratios, *(cfg.grid[g] for g in grid_names))
     for index, (model, method, ratio, *values) in enumerate(combos):
         grid = dict(zip(grid_names, values))
-        raw = {schema.P_MODEL: model, schema.P_METHOD: method, RATIO: ratio, **cfg.prune_args, **grid}
+        # the ratio axis is pruning_ratio for structured methods and the target sparsity for sparsity ones
+        axis = RATIO if method_kind(method) == STRUCTURED else schema.P_SPARSITY
+        raw = {schema.P_MODEL: model, schema.P_METHOD: method, axis: ratio, **cfg.prune_args, **grid}
         point = Point(index, model, method, ratio, grid, None, key="")
         try:
             point.prune, dropped = applicable(parse_flat(PruneConfig, raw))   # shared args: only what applies
@@ -413,7 +416,8 @@ def _check_applies(cfg: SearchConfig) -> None:
     unused = []
     for section in METHOD_SECTIONS:
         names = {leaf.name for leaf in leaves(type(getattr(StructuredConfig(), section)))} & given
-        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods):
+        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods
+                             if method_kind(m) == STRUCTURED):
             unused += sorted(names)
             readers = readers_of(section)
     if unused:

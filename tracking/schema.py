@@ -75,6 +75,30 @@ A_GRAD_VERDICT = "gradient_diagnosis_verdict.txt"
 A_LAYER_RATES = "layer_rates.csv"
 A_LAYER_RATES_FIG = "layer_rates.png"
 
+# ---- prune: sparsity methods (wanda, sparsegpt, magnitude_unstructured, block_hybrid) -------
+# Sparsity = zeros / weights of the 7 projection matrices of every decoder layer (embeddings,
+# lm_head, norms and biases never pruned, never counted).
+M_TARGET_SPARSITY = "target_sparsity"
+M_ACHIEVED_SPARSITY = "achieved_sparsity"
+M_LAYER_SPARSITY = "sparsity/layer_{layer:02d}"
+M_LAYER_TARGET_SPARSITY = "target_sparsity/layer_{layer:02d}"
+M_NM_GROUPS = "nm_groups"                            # N:M groups checked
+M_NM_VIOLATIONS = "nm_violations"                    # groups with more than N non-zeros
+M_MAX_DAMPING = "max_damping"                        # sparsegpt: largest relative damping used
+M_CALIB_FORWARDS = "calibration_forward_equivalents"  # calibration cost in full forward passes
+M_CALIB_STATS_MB = "calibration_stats_mb"            # peak statistics memory (XtX, norms)
+M_CALIB_LAYER_ACT_MB = "calibration_layer_activation_mb"   # one layer's calibration activations
+M_CALIB_ALL_ACT_MB = "calibration_all_layers_activation_mb"  # what holding every layer's would cost
+M_MODEL_SPARSITY = "model/sparsity"                  # eval: zeros share of the projection weights
+TAG_RATIO_KIND = "ratio_kind"                        # prune: what the target ratio measures
+RATIO_STRUCTURED = "prunable_params_removed"         # structured: pruning_ratio
+RATIO_SPARSITY = "weights_zeroed"                    # sparsity: the sparsity param
+P_SPARSITY = "sparsity"                              # prune: the target sparsity param
+A_SPARSITY_LAYERS = "sparsity_by_layer.csv"
+A_SPARSITY_PROJECTIONS = "sparsity_by_projection.csv"
+A_SPARSITY_FIG = "sparsity_by_layer.png"
+A_SPARSITY_PROVENANCE = "sparsity_provenance.json"   # config, calibration, OWL rates, checks
+
 # ---- prune: training-free reconstruction (gqaprune/structured/reconstruct.py) -------------
 M_RECON_TIME = "reconstruction_time_s"               # layer-wise surgery + refit, all layers
 # relative error ||X W^T + b - Y||_F / ||Y||_F on the calibration tokens; proj: o_proj | down_proj,
