@@ -188,8 +188,8 @@ class DataDir:
         """The error for a dataset that has no local copy and cannot come from the hub."""
         why = f" ({detail})" if detail else ""
         if self.root is None:
-            return UserError(f"dataset {ref.label()} needs the Hugging Face hub, which is not reachable "
-                             f"(offline){why}",
+            return UserError(f"dataset {ref.label()} cannot be reached (offline: the Hugging Face hub is "
+                             f"not reachable or HF_DATASETS_OFFLINE is set){why}",
                              f"fetch local copies where there is internet (`{FETCH_HINT}`) and pass "
                              f"--data_dir DIR or set {DATA_DIR_ENV}")
         return UserError(f"no local copy of {ref.label()} at {self.expected(ref)} and the Hugging Face "

@@ -41,7 +41,7 @@ from prune_entry.common import Parser, boolean, optional_str
 # The pruning-vs-fine-tuning study: the 7 zero-shot tasks, RTE, and the generative SQuAD v2 / GSM8K.
 STUDY_TASKS = (*zeroshot.STANDARD_TASKS, "rte", *zeroshot.GENERATIVE_TASKS)
 # `evaluate` metric modules a task loads at scoring time (cached in HF_MODULES_CACHE, not DIR).
-EVALUATE_METRICS = {"squadv2": "squad_v2"}
+EVALUATE_METRICS = zeroshot.EVALUATE_METRICS
 MANIFEST = "fetch_manifest.json"
 METHODS = ("save_to_disk", "files", "parquet_export")
 

@@ -108,7 +108,7 @@ def test_missing_copy_fails_at_once_naming_the_expected_path(tmp_path):
         data.load_texts("wikitext2", "test", data_dir=empty)
     with pytest.raises(UserError, match=rf"{tmp_path}/allenai/c4/en/c4-train.00000-of-01024.json.gz"):
         data.calibration_batches(None, "mixed:c4,wikitext2", 2, 8, 0, data_dir=empty)
-    with pytest.raises(UserError, match=r"needs the Hugging Face hub.*--data_dir"):
+    with pytest.raises(UserError, match=r"ptb_text_only \[penn_treebank\] cannot be reached \(offline.*--data_dir"):
         DataDir().require(data.PTB)
 
 
@@ -238,6 +238,10 @@ def test_squadv2_python_task_reads_the_local_copy(dd, manager):
     assert [d["id"] for d in docs] == ["v0", "v1", "v2"]
     assert task.doc_to_target(docs[0]) == " w93" and task.doc_to_target(docs[1]) == " unanswerable"
     assert sources[0].copy.layout == "save_to_disk"
+    # Its metric is an `evaluate` module, not cached on this offline machine: fail before generating.
+    with pytest.raises(UserError, match=r"task 'squadv2' is scored with the `evaluate` metric 'squad_v2'.*"
+                                        r"HF_MODULES_CACHE"):
+        zeroshot.check_tasks(manager, ["squadv2"], dd)
 
 
 def test_summarize_keeps_generative_metrics_apart():

@@ -47,6 +47,8 @@ GENERATIVE_TASKS = ("squadv2", "gsm8k")
 # answer format, strict-match; its flexible-extract value stays in ``metrics``).
 EM_KEYS = ("exact_match,strict-match", "exact_match,none", "exact,none", "exact_match,flexible-extract")
 F1_KEYS = ("f1,none",)
+# `evaluate` metric modules a task loads when it aggregates (from HF_MODULES_CACHE offline).
+EVALUATE_METRICS = {"squadv2": "squad_v2"}
 # dataset_path values that name a `datasets` builder for local files, not a hub dataset.
 LOCAL_BUILDERS = frozenset({"json", "parquet", "csv", "text", "arrow", "pandas"})
 
@@ -356,7 +358,25 @@ def check_tasks(manager, names: list[str], data_dir: DataDir | None = None) -> l
         except Exception as exc:  # noqa: BLE001 - lm-eval/datasets raise many types
             raise _load_error(name, exc, manager, dd) from exc
         sources += found
+    for name in names:
+        if name in EVALUATE_METRICS:
+            check_metric(name, EVALUATE_METRICS[name])
     return sources
+
+
+def check_metric(task: str, metric: str) -> None:
+    """A task scored by an ``evaluate`` module (squadv2: squad_v2) needs it cached or the hub:
+    fail before any generation instead of after it."""
+    try:
+        import evaluate
+        evaluate.load(metric)
+    except Exception as exc:  # noqa: BLE001 - evaluate raises FileNotFoundError / ConnectionError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(f"task '{task}' is scored with the `evaluate` metric '{metric}', which is not "
+                        f"cached here and cannot be fetched ({first})",
+                        "run python -m prune_entry.fetch_data where there is internet (it caches the "
+                        "metric in HF_MODULES_CACHE, ~/.cache/huggingface/modules) and make that folder "
+                        "visible to this node") from exc
 
 
 def _load_error(name: str, exc: BaseException, manager, dd: DataDir) -> UserError:
