@@ -26,6 +26,7 @@ passed through unchanged (hub / HF cache): name their tasks to use local copies.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -292,7 +293,6 @@ def _py_task(cfg: dict, name: str, load_kwargs: dict):
         self.dataset = datasets.load_dataset(**load_kwargs)
 
     local = type(cls.__name__, (cls,), {"download": download, "__module__": cls.__module__})
-    import inspect
     obj = local(config=cfg) if "config" in inspect.signature(cls.__init__).parameters else local()
     if hasattr(obj, "config") and hasattr(obj.config, "task"):
         obj.config.task = name
@@ -305,8 +305,7 @@ def _local_task(manager, name: str, cfg: dict, copy: DataCopy | None, cache_dir)
         kw = copy.load_kwargs(cache_dir=cache_dir)
         overrides = {"dataset_path": kw.pop("path"), "dataset_name": None, "dataset_kwargs": kw}
     else:
-        kw = {k: v for k, v in (cfg.get("dataset_kwargs") or {}).items()}
-        overrides = {"dataset_kwargs": {**kw, "cache_dir": str(cache_dir)}}
+        overrides = {"dataset_kwargs": {**(cfg.get("dataset_kwargs") or {}), "cache_dir": str(cache_dir)}}
     if "class" in cfg:
         ref = _dataset_ref(cfg)
         load = ({"path": overrides["dataset_path"], **overrides["dataset_kwargs"]} if copy is not None
