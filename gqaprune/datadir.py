@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
 from gqaprune.hub import hub_reachable
 
@@ -359,3 +360,13 @@ def content_hash(files: list[Path], base: Path) -> str:
             rel = Path(p).name
         h.update(f"{rel.as_posix()}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DataDirConfig(Section):
+    """local dataset copies (offline GPU nodes; see prune_entry.fetch_data)"""
+    data_dir: str | None = knob(None, f"folder of local dataset copies laid out by hub id (default: ${DATA_DIR_ENV})")
+    cache_dir: str | None = knob(None, "Hugging Face datasets cache directory for every load")
+
+    def resolve(self) -> DataDir:
+        return DataDir.from_env(self.data_dir, self.cache_dir)

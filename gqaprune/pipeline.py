@@ -22,6 +22,7 @@ from gqaprune import data
 from gqaprune.arch import count_parameters
 from gqaprune.config import Section, changed, flat, knob
 from gqaprune.data import CalibrationConfig
+from gqaprune.datadir import DataDirConfig
 from gqaprune.errors import UserError
 from gqaprune.loading import ModelConfig, RuntimeConfig
 from gqaprune.structured.allocation import layer_range
@@ -75,6 +76,7 @@ class PruneConfig(Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    data: DataDirConfig = field(default_factory=DataDirConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     sparsity: SparsitySection = field(default_factory=SparsitySection)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -120,6 +122,16 @@ class PruneConfig(Section):
         if self.kind == STRUCTURED:
             return self.structured.pruning_ratio
         return self.sparsity.to_config(self.method, self.damping).target_sparsity()
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the run reads calibration windows (scores, layer importance, refit, sparsity)."""
+        if self.kind == SPARSITY:
+            return self.sparsity.to_config(self.method, self.damping).needs_calibration
+        refit = self.structured.reconstruction.reconstruct != "none"
+        if self.structured.plan is not None:
+            return refit
+        return resolve(self.method, self.structured.scorer).needs_calibration or refit
 
     def resolved_damping(self) -> float:
         return DEFAULT_DAMPINGS[self.kind] if self.damping is None else self.damping
@@ -202,6 +214,7 @@ class PruneOutcome:
     params_before: int
     params_after: int
     sparsity: SparsityOutcome | None = None    # sparsity methods
+    data_sources: list = field(default_factory=list)   # datadir.DataCopy of every source read
 
 
 def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path: str,
@@ -227,7 +240,8 @@ def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path
                         alloc.conditioning if alloc else None, diag, recon,
                         Timings(sel.scoring_time_s if sel else 0.0, t_imp,
                                 recon.time_s if recon else 0.0, total),
-                        source, params_before, count_parameters(model))
+                        source, params_before, count_parameters(model),
+                        data_sources=_sources(config, source, config.needs_calibration))
 
 
 def _replay(model, inputs: PruneInputs) -> PruningPlan:
@@ -244,11 +258,12 @@ def _sparsify(model, tokenizer, config: PruneConfig, source: str, params_before:
     scfg.check_model(model)
     ids = None
     if scfg.needs_calibration:
-        ids = _windows(tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed)
+        ids = _windows(config, tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len)
     outcome = sparsify(model, ids, scfg, batch_size=calib.batch_size)
     return PruneOutcome(None, None, None, None, None, None, None,
                         Timings(outcome.timings.statistics_s, 0.0, 0.0, time.perf_counter() - t0),
-                        source if ids is not None else "none", params_before, count_parameters(model), outcome)
+                        source if ids is not None else "none", params_before, count_parameters(model), outcome,
+                        data_sources=_sources(config, source, ids is not None))
 
 
 def _reconstruction_source(config: PruneConfig, plan: PruningPlan, default: str) -> str:
@@ -262,8 +277,15 @@ def _reconstruction_source(config: PruneConfig, plan: PruningPlan, default: str)
     return default
 
 
-def _windows(tokenizer, source: str, n: int, seq_len: int, seed: int):
-    return data.calibration_batches(tokenizer, source, n, seq_len, seed)
+def _windows(config: "PruneConfig", tokenizer, source: str, n: int, seq_len: int):
+    """``n`` seeded calibration windows of ``seq_len`` tokens (data-dir copies when present)."""
+    return data.calibration_batches(tokenizer, source, n, seq_len, config.calibration.seed,
+                                    data_dir=config.data.resolve())
+
+
+def _sources(config: "PruneConfig", source: str, used: bool) -> list:
+    """Where the calibration data was read from (one DataCopy per part), if it was read."""
+    return data.check_source(source, "train", config.data.resolve()) if used else []
 
 
 def _layer_importance(model, tokenizer, config: PruneConfig, source: str, model_path: str,
@@ -279,7 +301,7 @@ def _layer_importance(model, tokenizer, config: PruneConfig, source: str, model_
         imp.check_compatible(model_path, model_shapes(model), granularity)
         imp.details = {**imp.details, "reused_from": inputs.importance_source, "time_s": 0.0}
         return imp, 0.0
-    ids = _windows(tokenizer, source, rates.importance_samples, calib.taylor_seq_len, calib.seed)
+    ids = _windows(config, tokenizer, source, rates.importance_samples, calib.taylor_seq_len)
     t0 = time.perf_counter()
     imp = compute_layer_importance(
         model, ids, rates.importance_method, granularity, calib.batch_size, model_path,
@@ -294,7 +316,7 @@ def _select(model, tokenizer, config: PruneConfig, source: str, model_path: str,
     r = resolve(config.method, config.structured.scorer)
     batches, prov = None, Provenance()
     if r.scorer.needs_calibration:
-        batches = _windows(tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed)
+        batches = _windows(config, tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len)
         prov = Provenance(calibration=DataInfo(source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed))
     return select(model, batches, config.method, config.structured, batch_size=calib.batch_size,
                   seed=calib.seed, model_name=model_path, layer_importance=imp, provenance=prov)
@@ -308,7 +330,7 @@ def _commit(model, tokenizer, config: PruneConfig, plan: PruningPlan, source: st
     calib = config.calibration
     ids = None
     if rc.reconstruct != "none":
-        ids = _windows(tokenizer, source, rc.reconstruct_samples, rc.reconstruct_seq_len, calib.seed)
+        ids = _windows(config, tokenizer, source, rc.reconstruct_samples, rc.reconstruct_seq_len)
     result = prune_and_reconstruct(model, plan, ids, rc)
     if rc.reconstruct == "none":
         return None

@@ -26,6 +26,7 @@ from gqaprune.evaluation.perplexity import PplProtocol, perplexity
 from gqaprune.loading import DEMO_ALIAS, load_model_and_tokenizer, resolve_model
 from gqaprune.sparsity import measure, overall_sparsity
 from gqaprune.utils import seed_everything
+from prune_entry import report
 from tracking import cli, runs, schema, store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -71,11 +72,15 @@ def load_for_eval(model_path: str, spec, dtype, device):
 def run_perplexity(cfg: EvalConfig, model, tokenizer, sources) -> dict:
     out = {}
     bos, p = cfg.ppl.bos_for(tokenizer), cfg.ppl
+    dd = cfg.data.resolve()
     for key, src in sources:
-        stream = data.eval_stream(tokenizer, src, p.ppl_split)
+        stream = data.eval_stream(tokenizer, src, p.ppl_split, data_dir=dd)
         proto = PplProtocol(key, p.ppl_split, p.ppl_seq_len, p.ppl_stride, bos, p.ppl_nsamples, cfg.batch_size)
         res = perplexity(model, stream, proto, tokenizer.bos_token_id)
-        out[key] = {**res.to_dict(), "source": src, "stream_tokens": int(stream.numel())}
+        copies = data.check_source(src, p.ppl_split, dd)
+        report.log_data_sources(copies)
+        out[key] = {**res.to_dict(), "source": src, "stream_tokens": int(stream.numel()),
+                    "copies": [c.to_dict() for c in copies]}
         print(f"  ppl {key}: {res.ppl:.4f}  ({proto.describe()}; {res.tokens} tokens scored)")
     return out
 
@@ -106,6 +111,9 @@ def log_zeroshot(result: zeroshot.ZeroShotResult, title: str) -> None:
     runs.log_params({schema.P_TASKS_RUN: ",".join(s.task for s in result.scores),
                      schema.P_TASK_MEASURES: ",".join(f"{s.task}={s.measure}" for s in result.scores)})
     runs.log_table(pd.DataFrame([asdict(s) for s in result.scores]), schema.A_ZS_TABLE)
+    if result.generative:   # exact match / F1 tasks: their own table, never in the mean
+        runs.log_table(pd.DataFrame([g.row() for g in result.generative]), schema.A_ZS_GENERATIVE)
+    report.log_data_sources([s.copy for s in result.sources if s.copy is not None])
     if any(s.score is not None for s in result.scores):
         runs.log_figure(zeroshot.accuracy_figure(result, title), schema.A_ZS_FIG)
 
@@ -123,8 +131,9 @@ def log_speed(facts: speed_mod.ModelFacts, sp: speed_mod.SpeedResult | None) -> 
     runs.log_metrics(metrics)
 
 
-def prepare_tasks(cfg: EvalConfig, names: list[str], to_build: list[offline.OfflineTask]):
-    """Build offline tasks, index lm-eval tasks, load every dataset: fail before the model loads."""
+def prepare_tasks(cfg: EvalConfig, names: list[str], to_build: list[offline.OfflineTask], log: bool = True):
+    """Build offline tasks, index lm-eval tasks, check every dataset is readable (local copy or
+    hub): fail before the model loads. ``log``: attach the built offline tasks to the run."""
     if not names:
         return None, [], {}
     from gqaprune.demo import default_cache_dir
@@ -135,8 +144,8 @@ def prepare_tasks(cfg: EvalConfig, names: list[str], to_build: list[offline.Offl
     if hub_tasks and not data.hub_reachable():
         zeroshot.go_offline()  # datasets then fail at once (or load from the HF cache)
     manager = zeroshot.task_manager([task_dir] if task_dir else [], with_defaults=bool(hub_tasks))
-    zeroshot.check_tasks(manager, names)
-    if task_dir is not None:
+    zeroshot.check_tasks(manager, names, cfg.data.resolve())   # every dataset readable: fail before loading
+    if task_dir is not None and log:
         runs.log_dir(task_dir, schema.A_OFFLINE_TASKS)
     return manager, infos, {i["name"]: i["preferred_measure"] for i in infos}
 
@@ -177,7 +186,7 @@ def run(cfg: EvalConfig) -> dict:
         zs = zeroshot.evaluate_tasks(model, tokenizer, names, manager, batch_size=cfg.batch_size,
                                      limit=z.limit, num_fewshot=z.num_fewshot,
                                      convention=z.acc_convention, preferred=preferred, chance=chance,
-                                     seed=cfg.seed, device=str(device))
+                                     seed=cfg.seed, device=str(device), data_dir=cfg.data.resolve())
         log_zeroshot(zs, f"{_short(cfg.model_uri)} · {z.num_fewshot or 0}-shot · {z.acc_convention}")
     elapsed = time.perf_counter() - t0
     runs.log_metrics({schema.M_EVAL_TIME: elapsed})
@@ -209,8 +218,13 @@ def summary_text(results: dict) -> str:
     zs = results.get("zeroshot")
     if zs:
         for s in zs["scores"]:
+            if s["measure"] is None:
+                continue      # generative: below
             val = "n/a" if s["score"] is None else f"{s['score']:.4f}"
             lines.append(f"  {s['task']} ({s['measure']}): {val}")
+        for g in zs.get("generative", []):
+            parts = [f"{k} {g[k]:.4f}" for k in ("exact_match", "f1") if g.get(k) is not None]
+            lines.append(f"  {g['task']} (generative, not in the mean): {', '.join(parts) or 'n/a'}")
         if zs["mean"] is not None:
             lines.append(f"  mean accuracy ({zs['convention']}): {zs['mean']:.4f}")
     return "\n".join(lines)

@@ -64,6 +64,7 @@ def run(cfg: PruneConfig) -> dict:
     reset_peak_memory(device)
     outcome = prune(model, tokenizer, cfg, model_alias=spec.alias, model_path=spec.path, inputs=inputs)
     runs.log_params({schema.P_CALIBRATION_RESOLVED: outcome.calibration_source})
+    report.log_data_sources(outcome.data_sources)
     if outcome.sparsity is not None:
         metrics = report.log_sparsity(spec.alias, outcome, peak_memory_mb(device))
     else:

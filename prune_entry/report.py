@@ -168,6 +168,22 @@ def log_sparsity(alias: str, outcome: PruneOutcome, peak_mb: float) -> dict:
     return metrics
 
 
+def log_data_sources(copies: list) -> None:
+    """Where each dataset was read from: params data_copy/<name>, data_sha256/<name>, and the list."""
+    if not copies:
+        return
+    params = {}
+    for c in copies:
+        where, sha = schema.data_params(c.name or c.ref.label())
+        params[where] = c.path if c.origin in ("local", "file") else c.origin
+        if c.sha256:
+            params[sha] = c.sha256
+    runs.log_params(params)
+    runs.log_json([c.to_dict() for c in copies], schema.A_DATA_SOURCES)
+    for c in copies:
+        print(f"data: {c.describe()}")
+
+
 def save_model(model, tokenizer, config: PruneConfig) -> None:
     """The pruned checkpoint as the run's ``pruned_model`` artifact (and in output_dir)."""
     with tempfile.TemporaryDirectory() as tmp:

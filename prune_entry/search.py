@@ -454,18 +454,29 @@ def parse(argv: list[str] | None) -> Sweep:
 
 
 def preflight(sweep: Sweep) -> None:
-    """Data the children will need from the hub, checked once before the first point runs."""
-    hub = sorted({p.calibration for p in sweep.points} & set(data.HUB_SOURCES))
-    if hub and not data.hub_reachable():
-        raise UserError(f"calibration dataset(s) {', '.join(hub)} are on the Hugging Face hub, which is "
-                        "not reachable (offline)", "add calibration_dataset=<local .txt/.jsonl file> to "
-                        "prune_args, or run where the hub is reachable")
+    """Data the children will need (calibration, perplexity, zero-shot task datasets: local copies
+    or the hub), checked once before the first point runs, so a typo or an offline hub fails in
+    seconds, not after the first prune."""
+    missing = []
+    for p in sweep.points:
+        if not p.prune.needs_calibration or p.calibration in missing:
+            continue
+        try:
+            data.check_source(p.calibration, "train", p.prune.data.resolve())
+        except UserError:
+            missing.append(p.calibration)
+    if missing:
+        raise UserError(f"calibration dataset(s) {', '.join(missing)} are on the Hugging Face hub, which is "
+                        "not reachable (offline), and the data dir has no copy", "add calibration_dataset="
+                        "<local .txt/.jsonl file> or data_dir=<local copies> to prune_args, or run where the "
+                        "hub is reachable")
     if not sweep.config.eval:
         return
     for model in sweep.config.models:
         cfg = next(p.eval for p in sweep.points if p.model == model)
         ppl_sources(cfg, is_demo=False)   # the eval run sees a pruned checkpoint
-        task_plan(cfg, is_demo=False)
+        names, to_build = task_plan(cfg, is_demo=False)
+        evaluate.prepare_tasks(cfg, names, to_build, log=False)   # offline hub tasks fail now
 
 
 # ------------------------------------------------------------------------------ resume

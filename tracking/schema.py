@@ -173,6 +173,7 @@ P_PPL_RUN = "ppl_datasets_run"            # comma-separated dataset keys of the 
 P_PPL_PROTOCOL = "ppl_protocol/{dataset}"  # one-line protocol description per dataset
 A_EVAL_RESULTS = "eval_results.json"
 A_ZS_TABLE = "zeroshot_results.csv"
+A_ZS_GENERATIVE = "zeroshot_generative.csv"   # SQuAD v2 / GSM8K: exact match, F1 (never in the mean)
 A_ZS_FIG = "zeroshot_accuracy.png"
 A_OFFLINE_TASKS = "offline_tasks"
 A_COMPARE_JSON = "comparison.json"
@@ -285,6 +286,15 @@ def lm_eval_metric(task: str, key: str) -> str:
 
 # ---- params resolved at run time (analysis reads them back) ------------------------------------
 P_CALIBRATION_RESOLVED = "calibration_dataset_resolved"   # prune: the source "auto" resolved to
+# where each dataset was read from (issue 14: local copies): per dataset name (sanitised)
+P_DATA_COPY = "data_copy/{name}"          # local copy path, "hub", "file <path>" or "builtin"
+P_DATA_SHA = "data_sha256/{name}"         # content hash of the copy / file (16 hex)
+A_DATA_SOURCES = "data_sources.json"      # every DataCopy.to_dict() of the run
+
+
+def data_params(name: str) -> tuple[str, str]:
+    key = metric_name(name.replace("/", "_"))
+    return P_DATA_COPY.format(name=key), P_DATA_SHA.format(name=key)
 
 
 # ---- run names -----------------------------------------------------------------------------------
