@@ -34,13 +34,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+# tqdm reads TQDM_DISABLE when it is imported: silence the taylor scorer's bar in the table.
+os.environ.setdefault("TQDM_DISABLE", "1")
 
-from gqaprune import checkpoint, data
-from gqaprune.arch import decoder_layers
-from gqaprune.evaluation.perplexity import PplProtocol, perplexity
-from gqaprune.structured.obs import ObsSettings, obs_prune
-from gqaprune.structured.units import model_shapes
+import torch  # noqa: E402
+
+from gqaprune import checkpoint, data  # noqa: E402
+from gqaprune.arch import decoder_layers  # noqa: E402
+from gqaprune.evaluation.perplexity import PplProtocol, perplexity  # noqa: E402
+from gqaprune.structured.obs import ObsSettings, obs_prune  # noqa: E402
+from gqaprune.structured.units import model_shapes  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 STORIES = SHARED / "models" / "stories260K"
@@ -110,7 +113,8 @@ def table(args, tok, dense) -> None:
 
 def print_table(results, names, ratios, seeds) -> None:
     print(f"\nheld-out PPL, seeds {'/'.join(map(str, seeds))} (mean) — BOS | no BOS; achieved ratio")
-    head = f"{'method':14s}" + "".join(f" | {f'{r:.0%} BOS':>22s} | {f'{r:.0%} no BOS':>22s} | ach." for r in ratios)
+    head = f"{'method':14s}" + "".join(f" | {f'{r:.0%} BOS':>22s} | {f'{r:.0%} no BOS':>22s} | ach."
+                                       for r in ratios)
     print(head + "\n" + "-" * len(head))
     for name in names:
         line = f"{name:14s}"
@@ -212,7 +216,8 @@ def tune(args, tok, dense) -> None:
                     model = copy.deepcopy(dense)
                     obs_prune(model, ids, replace(settings, pruning_ratio=r), progress=False)
                     vals.append(ppl(model, stream, tok.bos_token_id, True))
-                line += f" | {r:.0%}: " + "/".join(f"{v:.2f}" for v in vals) + f" ({statistics.mean(vals):.2f})"
+                cells = "/".join(f"{v:.2f}" for v in vals)
+                line += f" | {r:.0%}: {cells} ({statistics.mean(vals):.2f})"
             print(line, flush=True)
 
 
@@ -224,12 +229,12 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.2,0.35")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--repeats", type=int, default=3, help="timing runs per method (median)")
-    ap.add_argument("--tune", action="store_true", help="grid of settings on a split of the training paragraphs")
+    ap.add_argument("--tune", action="store_true",
+                    help="grid of settings on a split of the training paragraphs")
     args = ap.parse_args()
     if not (Path(args.model).is_dir() and DEV.is_file()):
         raise SystemExit(f"needs {args.model} and {DEV} (the shared test assets)")
     torch.set_num_threads(1)
-    os.environ.setdefault("TQDM_DISABLE", "1")          # the taylor scorer's progress bar
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(args.model)
     dense = checkpoint.load_model(args.model).eval()

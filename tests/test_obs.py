@@ -9,7 +9,7 @@ import torch
 
 from gqaprune import checkpoint
 from gqaprune.errors import UserError
-from gqaprune.structured.obs import ObsSettings, obs_commit, obs_prune
+from gqaprune.structured.obs import ObsSettings, calibration_fingerprint, obs_commit, obs_prune
 from gqaprune.structured.obs_alloc import LayerCurve, depth_budgets, global_budgets, uniform_budgets
 from gqaprune.structured.obs_math import GramStats, ObsProjection, greedy_remove, refit_kept
 from gqaprune.structured.plan import PruningPlan
@@ -197,12 +197,13 @@ def test_pruned_equals_masked_dense_with_compensated_weights(family, n_heads, n_
     assert [s.params for s in model_shapes(model)] == [s.params for s in plan.pruned_shapes()]
     # compensation never does worse than surgery alone on the calibration tokens
     assert all(r.err_after <= r.err_pruned * (1 + 1e-4) + 1e-6 for r in res.projections)
-    assert {(r.layer, r.proj) for r in res.projections} == {(i, p) for i in range(3) for p in ("o_proj", "down_proj")}
+    assert {(r.layer, r.proj) for r in res.projections} == \
+        {(i, p) for i in range(3) for p in ("o_proj", "down_proj")}
 
 
 @pytest.mark.parametrize("family,n_heads,n_kv,allocation", [
-    ("llama", 4, 4, "uniform"), ("llama", 8, 2, "global"), ("llama", 8, 1, "depth"), ("qwen2", 8, 2, "global"),
-    ("llama", 8, 2, "uniform"), ("llama", 8, 2, "depth")])
+    ("llama", 4, 4, "uniform"), ("llama", 8, 2, "global"), ("llama", 8, 1, "depth"),
+    ("qwen2", 8, 2, "global"), ("llama", 8, 2, "uniform"), ("llama", 8, 2, "depth")])
 def test_achieved_ratio_within_one_unit_of_the_target(family, n_heads, n_kv, allocation):
     model = make_tiny_model(family, n_heads, n_kv)
     shapes = model_shapes(model)
@@ -216,11 +217,15 @@ def test_achieved_ratio_within_one_unit_of_the_target(family, n_heads, n_kv, all
         assert all(len(lp.kept_kv_groups) == 1 for lp in res.plan.layers)
 
 
-@pytest.mark.parametrize("family,n_heads,n_kv", [("llama", 4, 4), ("llama", 8, 2), ("llama", 8, 1), ("qwen2", 8, 2)])
+REPLAY_SHAPES = [("llama", 4, 4), ("llama", 8, 2), ("llama", 8, 1), ("qwen2", 8, 2)]
+
+
+@pytest.mark.parametrize("family,n_heads,n_kv", REPLAY_SHAPES)
 def test_plan_replays_bit_exact(family, n_heads, n_kv):
     ids = calib()
     model = make_tiny_model(family, n_heads, n_kv)
-    plan = obs_prune(model, ids, SETTINGS, "tiny", progress=False).plan
+    plan = obs_prune(model, ids, SETTINGS, "tiny", progress=False,
+                     provenance={"calibration": {"dataset": "random ids", "seed": 0}}).plan
     plan = PruningPlan.from_dict(plan.to_dict())                                  # through JSON types
     replay = make_tiny_model(family, n_heads, n_kv)
     res = obs_commit(replay, plan, ids, SETTINGS, progress=False)
@@ -230,6 +235,8 @@ def test_plan_replays_bit_exact(family, n_heads, n_kv):
     assert all(math.isnan(r.obs_error) for r in res.projections)
     assert plan.method == "obs" and ObsSettings.from_dict(plan.provenance["settings"]) == SETTINGS
     assert plan.provenance["calibration"]["num_samples"] == 12
+    assert plan.provenance["calibration"]["dataset"] == "random ids"
+    assert plan.provenance["calibration"]["fingerprint"] == calibration_fingerprint(ids)
     with pytest.raises(UserError):
         ObsSettings.from_dict({"pruning_ratio": 0.3, "dampening": 0.1})
 
@@ -237,7 +244,8 @@ def test_plan_replays_bit_exact(family, n_heads, n_kv):
 def test_float64_statistics_give_the_same_plan_on_a_tiny_model():
     ids = calib()
     p32 = obs_prune(make_tiny_model("llama", 8, 2), ids, SETTINGS, progress=False)
-    p64 = obs_prune(make_tiny_model("llama", 8, 2), ids, replace(SETTINGS, stats_dtype="float64"), progress=False)
+    p64 = obs_prune(make_tiny_model("llama", 8, 2), ids, replace(SETTINGS, stats_dtype="float64"),
+                    progress=False)
     assert [lp.kept_channels for lp in p32.plan.layers] == [lp.kept_channels for lp in p64.plan.layers]
     assert p64.stats_bytes == 2 * p32.stats_bytes
 
@@ -276,7 +284,8 @@ def test_stories260k_35_percent_stays_below_18_on_held_out_text():
     model = checkpoint.load_model(STORIES).eval()
     ids = data.calibration_batches(tok, str(TINYSTORIES), 32, 128, seed=0)
     res = obs_prune(model, ids, ObsSettings(pruning_ratio=0.35), "stories260K", progress=False)
-    ppl = perplexity(model, data.eval_stream(tok, str(TINYSTORIES)),
-                     PplProtocol("tinystories", seq_len=256, bos=True), tok.bos_token_id, show_progress=False).ppl
+    protocol = PplProtocol("tinystories", seq_len=256, bos=True)
+    ppl = perplexity(model, data.eval_stream(tok, str(TINYSTORIES)), protocol, tok.bos_token_id,
+                     show_progress=False).ppl
     assert abs(res.plan.achieved_ratio() - 0.35) < 0.01
     assert ppl < 18

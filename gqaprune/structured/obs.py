@@ -88,7 +88,8 @@ class ObsSettings:
 
     def validate(self) -> "ObsSettings":
         if not 0.0 < self.pruning_ratio < 1.0:
-            raise UserError(f"pruning_ratio must be in (0, 1), got {self.pruning_ratio}", "pass e.g. 0.2 for 20%")
+            raise UserError(f"pruning_ratio must be in (0, 1), got {self.pruning_ratio}",
+                            "pass e.g. 0.2 for 20%")
         for name in ("allocation", "stats_dtype", "error_scale", "target"):
             choices = _field(name).metadata["choices"]
             if getattr(self, name) not in choices:
@@ -406,7 +407,8 @@ def obs_prune(model, calibration_ids: torch.Tensor, settings: ObsSettings, model
 
     calibration_ids: LongTensor [N, T]. Prunes ``model`` in place (surgery + compensated o_proj /
     down_proj) and returns the plan (provenance: settings, calibration shape and fingerprint, plus
-    ``provenance``), per-layer / per-projection reports and timings.
+    ``provenance``, whose "calibration" entry, e.g. dataset and seed, is merged), per-layer /
+    per-projection reports and timings.
     """
     settings.validate()
     _check_ids(calibration_ids)
@@ -414,11 +416,11 @@ def obs_prune(model, calibration_ids: torch.Tensor, settings: ObsSettings, model
     shapes = model_shapes(model)
     layers = layer_range(len(shapes), settings.layer_start, settings.layer_end)
     budgets, curves = budgets_for(model, calibration_ids, settings, shapes, layers, progress)
-    prov = {"settings": settings.to_dict(),
-            "calibration": {"num_samples": int(calibration_ids.shape[0]),
-                            "seq_len": int(calibration_ids.shape[1]),
-                            "fingerprint": calibration_fingerprint(calibration_ids)},
-            **(provenance or {})}
+    extra = dict(provenance or {})
+    calibration = {**extra.pop("calibration", {}), "num_samples": int(calibration_ids.shape[0]),
+                   "seq_len": int(calibration_ids.shape[1]),
+                   "fingerprint": calibration_fingerprint(calibration_ids)}
+    prov = {"settings": settings.to_dict(), "calibration": calibration, **extra}
     plan = PruningPlan(model_name, METHOD, settings.pruning_ratio, shapes, [], prov)
     result = ObsResult(plan, settings, curves=curves)
     result.timings.profile_s = time.perf_counter() - t0
@@ -476,7 +478,8 @@ def obs_figure(result: ObsResult, title: str):
     for proj, marker in zip(PROJECTIONS, ("o", "s")):
         sel = [r for r in result.projections if r.proj == proj]
         xs = [r.layer for r in sel]
-        bottom.semilogy(xs, [max(r.err_pruned, 1e-12) for r in sel], marker + "--", label=f"{proj} surgery only")
+        bottom.semilogy(xs, [max(r.err_pruned, 1e-12) for r in sel], marker + "--",
+                        label=f"{proj} surgery only")
         bottom.semilogy(xs, [max(r.err_after, 1e-12) for r in sel], marker + "-", label=f"{proj} compensated")
     bottom.set_ylabel("||XW^T - Y|| / ||Y||")
     bottom.set_xlabel("decoder layer")
