@@ -12,7 +12,7 @@ Protocol (printed with the table):
   by single newlines), ``evaluation.perplexity`` with non-overlapping 256-token windows, once with
   BOS prefixed to each window (today's default) and once without BOS;
 * methods: ``obs`` (this method; uniform / global / depth allocation), ``taylor`` + lstsq and
-  ``random`` + lstsq (today's core: ``methods.run_method`` then ``reconstruct.prune_and_reconstruct``
+  ``random`` + lstsq (today's core: ``methods.select`` then ``reconstruct.prune_and_reconstruct``
   with its defaults), and the issue's reference (uniform per layer, refit to the unpruned layer's
   outputs on the pruned inputs, channels from the joint choice: ``target=local, mlp_reselect=false``);
 * time: ``obs`` wall time against one forward pass of the calibration set through the dense model
@@ -59,11 +59,12 @@ OBS_VARIANTS = {"obs uniform": ObsSettings(allocation="uniform"),
 def baseline(model, ids: torch.Tensor, method: str, ratio: float, seed: int, plan=None):
     """Today's core, in one place: a scorer's plan (unless ``plan`` is given), then surgery +
     lstsq reconstruction with its defaults. Returns (plan, ReconstructResult)."""
-    from gqaprune.structured.methods import PruneSettings, run_method
-    from gqaprune.structured.reconstruct import ReconstructSettings, prune_and_reconstruct
+    from gqaprune.structured.config import StructuredConfig
+    from gqaprune.structured.methods import select
+    from gqaprune.structured.reconstruct import ReconstructionConfig, prune_and_reconstruct
     if plan is None:
-        plan = run_method(model, ids, PruneSettings(method=method, pruning_ratio=ratio, seed=seed)).plan
-    recon = prune_and_reconstruct(model, plan, ids, ReconstructSettings(mode="lstsq", show_progress=False))
+        plan = select(model, ids, method, StructuredConfig(pruning_ratio=ratio), seed=seed).plan
+    recon = prune_and_reconstruct(model, plan, ids, ReconstructionConfig(reconstruct="lstsq", show_progress=False))
     return plan, recon
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from gqaprune import data
 from gqaprune.arch import count_parameters
@@ -30,6 +31,7 @@ from gqaprune.structured.conditioning import ConditioningInfo, conditioned_keys
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from gqaprune.structured.diagnosis import Diagnosis, diagnose, verdict
 from gqaprune.structured.layer_importance import LayerImportance, compute_layer_importance
+from gqaprune.structured.joint import JOINT_METHODS
 from gqaprune.structured.methods import METHODS, method_names, resolve, select
 from gqaprune.structured.plan import DataInfo, Provenance, PruningPlan, ReconstructionInfo
 from gqaprune.structured.rates import RateRow, check_reachable_rates
@@ -93,7 +95,7 @@ class PruneConfig(Section):
             return      # a replay decides nothing: the plan's own settings hold
         r = resolve(self.method, self.structured.scorer)
         s = self.structured
-        if r.allocator.importance and s.layer_start is None and s.layer_end is None:
+        if r.importance and s.layer_start is None and s.layer_end is None:
             # all layers pruned: the average rate is the ratio itself
             check_reachable_rates(s.pruning_ratio, s.rates.min_pruning_rate, s.rates.max_pruning_rate)
 
@@ -168,6 +170,19 @@ def applicable(config: PruneConfig) -> tuple[PruneConfig, dict]:
     return replace(config, sparsity=sparsity, structured=replace(config.structured, **sections)), dropped
 
 
+def unread(config: PruneConfig) -> set[str]:
+    """Leaf names the config's method does not read (whatever their values)."""
+    if config.kind == SPARSITY:
+        return set(flat(StructuredConfig()))
+    out = set(flat(SparsitySection()))
+    if config.structured.plan is None:
+        reads = resolve(config.method, config.structured.scorer).sections
+        for name in METHOD_SECTIONS:
+            if name not in reads:
+                out |= set(flat(getattr(StructuredConfig(), name)))
+    return out
+
+
 def not_applied_note(config: PruneConfig, dropped: dict) -> str:
     groups: dict[str, list[str]] = {}
     for name in dropped:
@@ -215,6 +230,7 @@ class PruneOutcome:
     params_after: int
     sparsity: SparsityOutcome | None = None    # sparsity methods
     data_sources: list = field(default_factory=list)   # datadir.DataCopy of every source read
+    joint: Any = None                          # a joint method's result (obs: structured.obs.ObsResult)
 
 
 def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path: str,
@@ -225,6 +241,9 @@ def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path
     source = config.calibration.source(model_alias)
     if config.kind == SPARSITY:
         return _sparsify(model, tokenizer, config, source, params_before, t0)
+    joint = _joint_of(config, inputs)
+    if joint is not None:
+        return _joint(model, tokenizer, config, joint, source, model_path, inputs, params_before, t0)
     if inputs.plan is not None:
         plan, sel, imp, t_imp = _replay(model, inputs), None, None, 0.0
         source = _reconstruction_source(config, plan, source)
@@ -244,11 +263,42 @@ def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path
                         data_sources=_sources(config, source, config.needs_calibration))
 
 
-def _replay(model, inputs: PruneInputs) -> PruningPlan:
+def _replay(model, inputs: PruneInputs, check: bool = True) -> PruningPlan:
     plan = inputs.plan
-    plan.check_compatible(model_shapes(model))
+    if check:
+        plan.check_compatible(model_shapes(model))
     plan.provenance = replace(plan.provenance, replayed_from=inputs.plan_source)
     return plan
+
+
+def _joint_of(config: PruneConfig, inputs: PruneInputs):
+    """The joint method (select + commit in one walk) of this run or of the plan it replays."""
+    name = inputs.plan.method if inputs.plan is not None else config.method
+    return JOINT_METHODS.get(name) if name in JOINT_METHODS else None
+
+
+def _joint(model, tokenizer, config: PruneConfig, joint, source: str, model_path: str,
+           inputs: PruneInputs, params_before: int, t0: float) -> PruneOutcome:
+    """obs-style methods: decide layer by layer and write compensated weights as they go. A replay
+    regenerates the calibration windows the plan records (its fingerprint is checked)."""
+    calib = config.calibration
+    if inputs.plan is not None:
+        plan = _replay(model, inputs)
+        info = plan.provenance.calibration
+        source = _reconstruction_source(config, plan, source)
+        ids = _windows(replace(config, calibration=replace(calib, seed=info.seed)), tokenizer, source,
+                       info.num_samples, info.seq_len)
+        result = joint.replay(model, plan, ids)
+        result.plan.provenance = replace(result.plan.provenance, replayed_from=inputs.plan_source)
+    else:
+        ids = _windows(config, tokenizer, source, calib.taylor_num_samples, calib.taylor_seq_len)
+        prov = Provenance(calibration=DataInfo(source, calib.taylor_num_samples, calib.taylor_seq_len, calib.seed))
+        result = joint.run(model, ids, config.structured, batch_size=calib.batch_size,
+                           damping=config.resolved_damping(), model_name=model_path, provenance=prov)
+    return PruneOutcome(result.plan, None, None, None, None, None, None,
+                        Timings(0.0, 0.0, result.timings.total_s, time.perf_counter() - t0),
+                        source, params_before, count_parameters(model), joint=result,
+                        data_sources=_sources(config, source, True))
 
 
 def _sparsify(model, tokenizer, config: PruneConfig, source: str, params_before: int, t0: float) -> PruneOutcome:
@@ -292,7 +342,7 @@ def _layer_importance(model, tokenizer, config: PruneConfig, source: str, model_
                       inputs: PruneInputs) -> tuple[LayerImportance | None, float]:
     """Layer (block) importance for allocators that need it: reused, or measured on its own draw
     of ``importance_samples`` windows. Returns (importance, seconds)."""
-    granularity = resolve(config.method, config.structured.scorer).allocator.importance
+    granularity = resolve(config.method, config.structured.scorer).importance
     if granularity is None:
         return None, 0.0
     rates, calib = config.structured.rates, config.calibration

@@ -67,6 +67,8 @@ def run(cfg: PruneConfig) -> dict:
     report.log_data_sources(outcome.data_sources)
     if outcome.sparsity is not None:
         metrics = report.log_sparsity(spec.alias, outcome, peak_memory_mb(device))
+    elif outcome.joint is not None:
+        metrics = report.log_joint(cfg, spec.alias, outcome, peak_memory_mb(device))
     else:
         metrics = report.log_structured(cfg, spec.alias, outcome, peak_memory_mb(device))
     if cfg.output.save_model:

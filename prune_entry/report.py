@@ -130,6 +130,35 @@ def log_structured(cfg: PruneConfig, alias: str, outcome: PruneOutcome, peak_mb:
     return metrics
 
 
+def log_joint(cfg: PruneConfig, alias: str, outcome: PruneOutcome, peak_mb: float) -> dict:
+    """obs: the plan as every structured run, then removed units and OBS errors per layer."""
+    metrics = log_plan(alias, outcome, peak_mb)
+    runs.set_tags({schema.TAG_RATIO_KIND: schema.RATIO_STRUCTURED})
+    res = outcome.joint
+    for r in res.layer_rows():
+        metrics[schema.layer_metric(schema.M_OBS_REMOVED_GROUPS, r["layer"])] = r["removed_kv_groups"]
+        metrics[schema.layer_metric(schema.M_OBS_REMOVED_CHANNELS, r["layer"])] = r["removed_channels"]
+        metrics[schema.layer_metric(schema.M_OBS_LAYER_RATE, r["layer"])] = r["rate"]
+    rows = res.projection_rows()
+    for when in ("pruned", "after"):
+        for r in rows:
+            metrics[schema.M_OBS_ERR.format(when=when, layer=r["layer"], proj=r["proj"])] = r[f"err_{when}"]
+        if rows:
+            metrics[schema.M_OBS_ERR_MEAN.format(when=when)] = sum(r[f"err_{when}"] for r in rows) / len(rows)
+    metrics.update({schema.M_OBS_TIME: res.timings.total_s, schema.M_OBS_STATS_MB: res.stats_bytes / 2**20})
+    runs.log_metrics(metrics)
+    runs.log_table(pd.DataFrame(res.layer_rows()), schema.A_OBS_LAYERS)
+    runs.log_table(pd.DataFrame(rows), schema.A_OBS_PROJECTIONS)
+    runs.log_figure(res.figure(f"{_title(alias, outcome)} · OBS"), schema.A_OBS_FIG)
+    if rows:
+        print(f"obs: mean relative error of the cut projections {metrics[schema.M_OBS_ERR_MEAN.format(when='pruned')]:.3f} "
+              f"(surgery alone) -> {metrics[schema.M_OBS_ERR_MEAN.format(when='after')]:.3f} (compensated)")
+    print(f"pruned {alias} with {outcome.plan.method}: {outcome.params_before:,} -> {outcome.params_after:,} "
+          f"parameters; {metrics[schema.M_ACHIEVED_RATIO]:.1%} of prunable parameters removed "
+          f"(target {outcome.plan.target_ratio:.0%}) in {outcome.timings.total_s:.1f}s")
+    return metrics
+
+
 def log_sparsity(alias: str, outcome: PruneOutcome, peak_mb: float) -> dict:
     """Sparsity methods: overall and per-layer sparsity, the N:M check, calibration cost and memory,
     tables, figure and provenance."""

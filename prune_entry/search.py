@@ -33,7 +33,8 @@ from gqaprune.config import Section, flat, knob, leaves, parse_flat
 from gqaprune.errors import UserError
 from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.loading import DEMO_ALIAS, resolve_model
-from gqaprune.pipeline import STRUCTURED, PruneConfig, all_methods, applicable, method_kind, readers_of
+from gqaprune.pipeline import (STRUCTURED, PruneConfig, all_methods, applicable, method_kind, readers_of,
+                               unread)
 from gqaprune.structured import methods
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from prune_entry import evaluate, prune
@@ -388,7 +389,8 @@ def plan_points(cfg: SearchConfig) -> list[Point]:
             prune.preflight(point.prune)
         except UserError as exc:
             raise UserError(f"sweep point '{point.label()}': {exc}") from exc
-        point.grid = own_grid = {k: v for k, v in grid.items() if k not in dropped}
+        skip = set(dropped) | unread(point.prune)
+        point.grid = own_grid = {k: v for k, v in grid.items() if k not in skip}
         point.given = {k: v for k, v in raw.items() if k not in dropped}
         spec = resolve_model(model, point.prune.model.models_file)
         point.key = _point_key(point.prune, spec.path)

@@ -233,10 +233,10 @@ def test_plan_replays_bit_exact(family, n_heads, n_kv):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
     assert all(math.isnan(r.obs_error) for r in res.projections)
-    assert plan.method == "obs" and ObsSettings.from_dict(plan.provenance["settings"]) == SETTINGS
-    assert plan.provenance["calibration"]["num_samples"] == 12
-    assert plan.provenance["calibration"]["dataset"] == "random ids"
-    assert plan.provenance["calibration"]["fingerprint"] == calibration_fingerprint(ids)
+    assert plan.method == "obs" and ObsSettings.from_dict(plan.provenance.settings) == SETTINGS
+    assert plan.provenance.calibration.num_samples == 12
+    assert plan.provenance.calibration.dataset == "random ids"
+    assert plan.provenance.calibration.fingerprint == calibration_fingerprint(ids)
     with pytest.raises(UserError):
         ObsSettings.from_dict({"pruning_ratio": 0.3, "dampening": 0.1})
 

@@ -99,6 +99,20 @@ A_SPARSITY_PROJECTIONS = "sparsity_by_projection.csv"
 A_SPARSITY_FIG = "sparsity_by_layer.png"
 A_SPARSITY_PROVENANCE = "sparsity_provenance.json"   # config, calibration, OWL rates, checks
 
+# ---- prune: obs (reconstruction-aware selection, joint select + commit) ----------------------
+M_OBS_REMOVED_GROUPS = "removed_kv_groups/layer_{layer:02d}"
+M_OBS_REMOVED_CHANNELS = "removed_channels/layer_{layer:02d}"
+M_OBS_LAYER_RATE = "removed_frac/layer_{layer:02d}"        # fraction of the layer's prunable params
+# relative error ||X_K W_K^T - Y|| / ||Y|| per projection; when: pruned (surgery alone, before
+# compensation) | after (compensated)
+M_OBS_ERR = "obs_err_{when}/layer_{layer:02d}_{proj}"
+M_OBS_ERR_MEAN = "obs_err_{when}/mean"
+M_OBS_TIME = "obs_time_s"
+M_OBS_STATS_MB = "obs_stats_mb"                            # statistics + greedy state held at once
+A_OBS_LAYERS = "obs_by_layer.csv"
+A_OBS_PROJECTIONS = "obs_errors_by_projection.csv"
+A_OBS_FIG = "obs_by_layer.png"
+
 # ---- prune: training-free reconstruction (gqaprune/structured/reconstruct.py) -------------
 M_RECON_TIME = "reconstruction_time_s"               # layer-wise surgery + refit, all layers
 # relative error ||X W^T + b - Y||_F / ||Y||_F on the calibration tokens; proj: o_proj | down_proj,

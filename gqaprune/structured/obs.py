@@ -41,10 +41,12 @@ from gqaprune import arch
 from gqaprune.calibrate import LayerWalker
 from gqaprune.errors import UserError
 from gqaprune.structured.allocation import check_reachable, layer_range
+from gqaprune.structured.joint import JOINT_METHODS, JointMethod
 from gqaprune.structured.obs_alloc import (ALLOCATIONS, ERROR_SCALES, LayerCurve, depth_budgets,
                                            global_budgets, profile_curves, uniform_budgets)
 from gqaprune.structured.obs_math import DTYPES, GramStats, ObsProjection, greedy_remove, refit_kept
-from gqaprune.structured.plan import LayerPlan, PruningPlan
+from gqaprune.config import Section, knob
+from gqaprune.structured.plan import DataInfo, LayerPlan, Provenance, PruningPlan
 from gqaprune.structured.reconstruct import trace_layer
 from gqaprune.structured.surgery import prune_layer, record_layer_sizes
 from gqaprune.structured.units import LayerShape, group_rows, layer_shape, model_shapes
@@ -401,8 +403,20 @@ def budgets_for(model, ids, settings: ObsSettings, shapes: list[LayerShape], lay
     return global_budgets(shapes, curves, target), curves
 
 
+def _provenance(given: Provenance | dict | None, settings: ObsSettings, ids: torch.Tensor) -> Provenance:
+    """The caller's provenance (its calibration dataset and seed) plus the settings and the exact
+    calibration shape and fingerprint of these token ids."""
+    prov = given if isinstance(given, Provenance) else Provenance()
+    cal = prov.calibration
+    raw = (given or {}).get("calibration", {}) if isinstance(given, dict) else {}
+    dataset = cal.dataset if cal else str(raw.get("dataset", ""))
+    seed = cal.seed if cal else int(raw.get("seed", 0))
+    info = DataInfo(dataset, int(ids.shape[0]), int(ids.shape[1]), seed, calibration_fingerprint(ids))
+    return Provenance(settings=settings.to_dict(), calibration=info, extra=dict(prov.extra))
+
+
 def obs_prune(model, calibration_ids: torch.Tensor, settings: ObsSettings, model_name: str = "",
-              progress: bool = True, provenance: dict | None = None) -> ObsResult:
+              progress: bool = True, provenance: Provenance | dict | None = None) -> ObsResult:
     """Select and remove KV groups / MLP channels layer by layer with OBS compensation.
 
     calibration_ids: LongTensor [N, T]. Prunes ``model`` in place (surgery + compensated o_proj /
@@ -416,12 +430,8 @@ def obs_prune(model, calibration_ids: torch.Tensor, settings: ObsSettings, model
     shapes = model_shapes(model)
     layers = layer_range(len(shapes), settings.layer_start, settings.layer_end)
     budgets, curves = budgets_for(model, calibration_ids, settings, shapes, layers, progress)
-    extra = dict(provenance or {})
-    calibration = {**extra.pop("calibration", {}), "num_samples": int(calibration_ids.shape[0]),
-                   "seq_len": int(calibration_ids.shape[1]),
-                   "fingerprint": calibration_fingerprint(calibration_ids)}
-    prov = {"settings": settings.to_dict(), "calibration": calibration, **extra}
-    plan = PruningPlan(model_name, METHOD, settings.pruning_ratio, shapes, [], prov)
+    plan = PruningPlan(model_name, METHOD, settings.pruning_ratio, shapes, [],
+                       _provenance(provenance, settings, calibration_ids))
     result = ObsResult(plan, settings, curves=curves)
     result.timings.profile_s = time.perf_counter() - t0
     walk = _Walk(settings, shapes, budgets, None, result,
@@ -487,3 +497,51 @@ def obs_figure(result: ObsResult, title: str):
     bottom.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+@dataclass(frozen=True)
+class ObsConfig(Section):
+    """obs (reconstruction-aware selection with OBS compensation)"""
+    obs_allocation: str = knob("global", "how the removal is spread over layers: uniform, global (normalised "
+                               "OBS error curves of a profile pass), depth (increasing with depth)",
+                               choices=ALLOCATIONS)
+    obs_stats_dtype: str = knob("float32", "dtype of the accumulated X^T X / X^T Y and the greedy state",
+                                choices=tuple(DTYPES))
+    obs_max_layer_rate: float = knob(0.8, "global / depth: largest fraction of one layer removed",
+                                     low=0.0, high=1.0, low_open=True)
+    obs_depth_spread: float = knob(0.5, "depth: rates grow from (1 - spread) to (1 + spread) x the mean",
+                                   low=0.0, high=1.0, high_open=True)
+    obs_error_scale: str = knob("stream", "global: errors divided by the output residual stream's energy "
+                                "(stream) or raw (none)", choices=ERROR_SCALES)
+    obs_target: str = knob("residual", "refit to the dense residual stream (residual) or to the unpruned "
+                           "layer on the pruned inputs (local)", choices=TARGETS)
+    obs_mlp_reselect: bool = knob(True, "re-select the MLP channels after the layer's attention is cut")
+
+    def settings(self, pruning_ratio: float, damping: float, batch_size: int,
+                 layer_start: int | None, layer_end: int | None) -> ObsSettings:
+        return ObsSettings(pruning_ratio, self.obs_allocation, damping, self.obs_stats_dtype, batch_size,
+                           self.obs_max_layer_rate, self.obs_depth_spread, self.obs_error_scale,
+                           self.obs_target, self.obs_mlp_reselect, layer_start, layer_end).validate()
+
+
+def _run_method(model, ids, cfg, *, batch_size: int, damping: float, model_name: str = "",
+                provenance: Provenance | None = None, progress: bool = True) -> ObsResult:
+    """The ``obs`` method on the structured config section (``cfg.obs`` + shared knobs)."""
+    settings = cfg.obs.settings(cfg.pruning_ratio, damping, batch_size, cfg.layer_start, cfg.layer_end)
+    return obs_prune(model, ids, settings, model_name, progress, provenance)
+
+
+def _replay_method(model, plan: PruningPlan, ids, *, progress: bool = True) -> ObsResult:
+    """Replay an obs plan with the settings it records (bit-exact on the same calibration ids)."""
+    settings = ObsSettings.from_dict(plan.provenance.settings)
+    fp = plan.provenance.calibration.fingerprint if plan.provenance.calibration else None
+    if fp and fp != calibration_fingerprint(ids):
+        raise UserError("these calibration windows are not the ones the obs plan was made with "
+                        "(fingerprint differs), so the compensated weights would differ",
+                        "replay with the plan's calibration dataset, samples, length and seed "
+                        "(calibration_dataset=auto uses the recorded dataset)")
+    return obs_commit(model, plan, ids, settings, progress)
+
+
+JOINT_METHODS.register(METHOD, JointMethod(_run_method, _replay_method, section="obs",
+                                           summary="reconstruction-aware selection: structured OBS, layer by layer"))
