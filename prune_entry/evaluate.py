@@ -50,14 +50,32 @@ def _source_tags(resolved: store.Resolved, spec) -> dict:
             schema.TAG_MODEL_VARIANT: spec.variant}
     if resolved.source_run_id:
         tags[schema.TAG_SOURCE_RUN] = resolved.source_run_id
-        try:  # describe the model by its origin run (alias/method of the pruned model)
-            src = store.get_run(resolved.source_run_id).data.tags
-            tags.update({k: src[k] for k in (schema.TAG_MODEL_ALIAS, schema.TAG_MODEL_FAMILY,
-                                               schema.TAG_MODEL_VARIANT, schema.TAG_MODEL_PATH,
-                                               schema.TAG_METHOD) if k in src})
-        except Exception:  # noqa: BLE001 - a missing source run is not fatal for the eval
-            pass
+        tags.update(origin_tags(resolved.source_run_id))
     return tags
+
+
+def origin_tags(run_id: str) -> dict:
+    """What the eval run's row should show of the model's origin: alias, family, method, and of the
+    prune run behind it (following a finetune run to its source) the target ratio, its kind and
+    the achieved ratio, so one row of the runs table holds the ratio and the perplexity."""
+    out: dict = {}
+    try:
+        run = store.get_run(run_id)
+        out.update({k: run.data.tags[k] for k in (schema.TAG_MODEL_ALIAS, schema.TAG_MODEL_FAMILY,
+                                                   schema.TAG_MODEL_VARIANT, schema.TAG_MODEL_PATH,
+                                                   schema.TAG_METHOD) if k in run.data.tags})
+        if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_FINETUNE and schema.TAG_SOURCE_RUN in run.data.tags:
+            run = store.get_run(run.data.tags[schema.TAG_SOURCE_RUN])
+        if run.data.tags.get(schema.TAG_STAGE) == schema.STAGE_PRUNE:
+            kind = run.data.tags.get(schema.TAG_RATIO_KIND, schema.RATIO_STRUCTURED)
+            p, m = run.data.params, run.data.metrics
+            target = p.get(schema.P_SPARSITY if kind == schema.RATIO_SPARSITY else schema.P_PRUNING_RATIO)
+            achieved = m.get(schema.M_ACHIEVED_SPARSITY if kind == schema.RATIO_SPARSITY else schema.M_ACHIEVED_RATIO)
+            out.update({schema.TAG_RATIO_KIND: kind, schema.TAG_SOURCE_RATIO: target,
+                        schema.TAG_SOURCE_ACHIEVED: None if achieved is None else f"{achieved:.4f}"})
+    except Exception:  # noqa: BLE001 - a missing source run is not fatal for the eval
+        pass
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def load_for_eval(model_path: str, spec, dtype, device):
@@ -233,7 +251,14 @@ def summary_text(results: dict) -> str:
 # ------------------------------------------------------------------------------ entry points
 
 def run_name(cfg: EvalConfig) -> str:
-    return schema.run_name(schema.STAGE_EVAL, _short(cfg.model_uri))
+    """``eval-<alias>-<method>-<ratio>`` for a model from a prune / finetune run, else ``eval-<model>``."""
+    run_id = store.run_id_in(cfg.model_uri)
+    origin = origin_tags(run_id) if run_id else {}
+    if schema.TAG_MODEL_ALIAS not in origin:
+        return schema.run_name(schema.STAGE_EVAL, _short(cfg.model_uri))
+    ratio = origin.get(schema.TAG_SOURCE_RATIO)
+    return schema.run_name(schema.STAGE_EVAL, Path(origin[schema.TAG_MODEL_ALIAS]).name,
+                           origin.get(schema.TAG_METHOD), float(ratio) if ratio not in (None, "none") else None)
 
 
 def _tags(cfg: EvalConfig) -> dict:

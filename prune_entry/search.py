@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -757,9 +758,9 @@ def _plan_dict(sweep: Sweep) -> list[dict]:
             for p in sweep.points + sweep.dense]
 
 
-def dry_run(sweep: Sweep, experiment_id: str) -> None:
-    """Print (and log) the points, and which a real run would reuse."""
-    rows, resume = [], sweep.config.resume
+def dry_run(sweep: Sweep, experiment_id: str | None) -> None:
+    """Print the points and which a real run would reuse (no MLflow run is created)."""
+    rows, resume = [], sweep.config.resume and experiment_id is not None
     for n, p in enumerate(sweep.ordered(), 1):
         if p.dense:
             prune_id, eval_id = None, finished_dense(experiment_id, p) if resume else None
@@ -770,9 +771,8 @@ def dry_run(sweep: Sweep, experiment_id: str) -> None:
         rows.append({"#": n, "model": p.model, "method": p.method, RATIO: p.ratio,
                      **{g: p.grid.get(g) for g in sweep.config.grid}, "would_reuse": reuse, "prune_run_id": prune_id, schema.TAG_SEARCH_POINT: p.key})
     table = markdown_table(pd.DataFrame(rows), drop=())
-    runs.log_text(f"# Search plan (dry run)\n\n{table}\n", "search_plan.md")
     dense = f" + {len(sweep.dense)} dense eval(s)" if sweep.dense else ""
-    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned\n{table}")
+    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned, no run created\n{table}")
 
 
 def run(sweep: Sweep) -> list[Outcome]:
@@ -783,9 +783,6 @@ def run(sweep: Sweep) -> list[Outcome]:
     import mlflow
     active = mlflow.active_run()
     experiment_id, search_id = active.info.experiment_id, active.info.run_id
-    if cfg.dry_run:
-        dry_run(sweep, experiment_id)
-        return []
     preflight(sweep)
     from tqdm.auto import tqdm
     order = sweep.ordered()
@@ -846,8 +843,28 @@ def _run_name(sweep: Sweep) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _is_dry(argv):
+        return dry_main(argv)
     return runs.entry_point(schema.STAGE_SEARCH, lambda: parse(argv), run, run_name=_run_name,
                             raw_params=raw_flags(argv))
+
+
+def _is_dry(argv: list[str] | None) -> bool:
+    try:
+        return bool(boolean(raw_flags(argv).get("dry_run", "false")))
+    except Exception:  # noqa: BLE001 - a bad value: the real parse reports it
+        return False
+
+
+def dry_main(argv: list[str] | None) -> int:
+    """``--dry_run true``: parse and list the points; the store is only read (no run, no experiment)."""
+    try:
+        sweep = parse(argv)
+        dry_run(sweep, runs.existing_experiment_id())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -220,16 +220,17 @@ def test_dry_run_lists_points(tracking_store, sweep_args, capsys):
     grid = '{"reconstruct": ["none", "lstsq"]}'
     assert search.main(sweep_args("--grid", grid, "--dry_run", "true")) == 0
     out = capsys.readouterr().out
-    parent = last_search()
-    assert parent.info.status == "FINISHED" and "dry run: 8 point(s) + 1 dense eval(s)" in out
+    assert "dry run: 8 point(s) + 1 dense eval(s), nothing pruned, no run created" in out
     assert out.count("| taylor | 0.35 | lstsq |") == 1 and out.count("| magnitude |") == 4
     assert out.count("| dense | 0.0 |") == 1 and "| 1 | llama-8-2 | dense |" in out   # listed first
-    assert experiment_runs(schema.STAGE_PRUNE) == [] and experiment_runs(schema.STAGE_EVAL) == []
-    plan = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/{schema.A_SEARCH_PLAN}")
+    assert experiment_runs() == []                     # a dry run creates no run
+    plan = search._plan_dict(search.parse(sweep_args("--grid", grid)))
     assert len(plan) == 9 and len({p["search_point"] for p in plan}) == 9
     assert [p["dense"] for p in plan] == [False] * 8 + [True] and plan[8]["prune_args"] == []
     assert plan[8]["eval_args"] == plan[0]["eval_args"] and plan[8]["search_eval_key"] == plan[0]["search_eval_key"]
     assert plan[1]["grid"] == {"reconstruct": "lstsq"} and plan[1]["prune_args"][-2:] == ["--reconstruct", "lstsq"]
+    assert search.main(sweep_args("--dry_run", "true", "--ratios", "2")) == 2     # bad input: still no run
+    assert experiment_runs() == []
 
 
 def test_point_key_is_a_hash_of_resolved_settings(sweep_args):

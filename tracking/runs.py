@@ -50,6 +50,17 @@ def use_store() -> None:
     mlflow.set_tracking_uri(tracking_uri())
 
 
+def experiment_name(experiment: str | None = None) -> str:
+    return experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or schema.DEFAULT_EXPERIMENT
+
+
+def existing_experiment_id(experiment: str | None = None) -> str | None:
+    """The id of the experiment runs would go to, if it exists (nothing is created)."""
+    use_store()
+    exp = mlflow.get_experiment_by_name(experiment_name(experiment))
+    return exp.experiment_id if exp is not None else None
+
+
 def setup(experiment: str | None = None) -> str:
     """Point MLflow at the store and make sure the experiment exists; return its id."""
     use_store()

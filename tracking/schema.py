@@ -34,6 +34,8 @@ TAG_PARENT_RUN = "mlflow.parentRunId"
 TAG_FAILURE = "failure_reason"      # one-line reason of a FAILED run
 TAG_RUN_NAME = "mlflow.runName"
 TAG_NOT_APPLIED = "not_applied_params"  # prune: name=value of settings the method does not read
+TAG_SOURCE_RATIO = "source_target_ratio"       # eval: the prune run's target ratio (see ratio_kind)
+TAG_SOURCE_ACHIEVED = "source_achieved_ratio"  # eval: the prune run's achieved ratio / sparsity
 
 STAGE_PRUNE = "prune"
 STAGE_FINETUNE = "finetune"

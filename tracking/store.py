@@ -40,6 +40,13 @@ def _run_of(uri: str) -> str | None:
     return m.group(1) if m else None
 
 
+def run_id_in(source: str) -> str | None:
+    """The run id a model source names: a bare run id or a ``runs:/<id>/...`` URI (else None)."""
+    if _RUN_ID.match(source) and not Path(source).exists():
+        return source
+    return _run_of(source)
+
+
 def model_artifact_of_run(run_id: str) -> str:
     """The model artifact path of a prune/finetune run (finetuned first)."""
     client = _client()
