@@ -6,13 +6,16 @@ Every run we start is tagged with its process: host, PID, the PID's start time a
 * on this machine (same host, boot and PID namespace): when its PID is gone or now belongs to a
   process that started at another time (exact, immediate);
 * elsewhere: when its heartbeat is older than ``GQAPRUNE_STALE_AFTER_S`` (default 300 s);
-* without any liveness tag (an older version, or a launcher whose worker never started): when it
-  started more than ``UNTAGGED_GRACE_S`` ago.
+* without any liveness tag but with our ``stage`` tag (an older version): when it started more than
+  ``UNTAGGED_GRACE_S`` ago. Runs with neither (another tool's, or an ``mlflow run`` launcher whose
+  worker has not started yet) are never touched.
 
 Signals: inside :func:`stop_on_signals`, SIGTERM / SIGINT / SIGHUP raise :class:`Stopped` (a
 ``KeyboardInterrupt``) in the main thread, so the runs close KILLED with the signal as reason.
-Signals arriving while a run is being closed are deferred, not raised: ``mlflow run`` answers the
-terminal's Ctrl-C with a SIGTERM of its own a moment later, which must not cut the closing short.
+Signals arriving while a stop is handled or a run is being closed are deferred, not raised:
+``mlflow run`` answers the terminal's Ctrl-C with a SIGTERM of its own a moment later, which must
+not cut the closing short. A Stopped that Python drops (raised inside a weakref callback or
+``__del__``) is noticed and the signal delivered again.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping
 
 from tracking import names_robust as names
+from tracking import schema
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -131,6 +135,8 @@ def judge(tags: Mapping[str, str], start_time_ms: int, now_s: float | None = Non
             return Verdict(False, f"no heartbeat from process {pid} on {host} for {age:.0f} s "
                                   f"(limit {stale_after:.0f} s)", last_ms)
         return Verdict(True, f"heartbeat from {host} {age:.0f} s ago", last_ms)
+    if not tags.get(schema.TAG_STAGE):  # no liveness tag, no stage: not provably ours, never touched
+        return Verdict(True, "not a gqaprune run")
     age = now_s - start_time_ms / 1000
     if age > untagged_grace:
         return Verdict(False, f"no liveness tags and started {age:.0f} s ago", None)
@@ -196,15 +202,40 @@ class Stopped(KeyboardInterrupt):
         return 128 + self.signum
 
 
-_state = {"depth": 0, "stopping": False, "closing": 0, "pending": None}
+_state = {"depth": 0, "stopping": False, "handled": False, "signum": None, "closing": 0, "pending": None}
+LOST_STOP_S = 2.0  # a Stopped not caught by a tracked run within this time was swallowed
 
 
 def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
     if _state["stopping"] or _state["closing"]:
         _state["pending"] = _state["pending"] or signum
         return
-    _state["stopping"] = True
+    _state.update(stopping=True, handled=False, signum=signum)
+    _watch_for_a_lost_stop()
     raise Stopped(signum)
+
+
+def _watch_for_a_lost_stop() -> None:
+    """An exception raised by a signal handler inside a weakref callback or ``__del__`` is
+    printed and dropped ("Exception ignored in ..."). If no tracked run has caught the Stopped
+    after LOST_STOP_S, deliver the signal again so the stop is not lost."""
+    def check():
+        if _state["depth"] == 0 or not _state["stopping"] or _state["handled"]:
+            return
+        if _state["closing"]:
+            _watch_for_a_lost_stop()
+            return
+        signum, _state["pending"] = _state["pending"] or _state["signum"], None
+        _state["stopping"] = False
+        os.kill(os.getpid(), signum)
+    timer = threading.Timer(LOST_STOP_S, check)
+    timer.daemon = True
+    timer.start()
+
+
+def stop_handled() -> None:
+    """A tracked run caught the Stopped: it is being handled (closing the runs)."""
+    _state["handled"] = True
 
 
 @contextmanager
@@ -232,7 +263,7 @@ def stop_on_signals() -> Iterator[None]:
         for sig, previous in saved.items():
             signal.signal(sig, previous)
         if _state["depth"] == 0:
-            _state["stopping"] = False
+            _state.update(stopping=False, handled=False, signum=None)
 
 
 @contextmanager
@@ -253,7 +284,7 @@ def take_pending() -> int | None:
 
 def mark_stopping() -> None:
     """A stop is being handled (e.g. a KeyboardInterrupt): further signals are deferred."""
-    _state["stopping"] = True
+    _state.update(stopping=True, handled=True)
 
 
 def die_with_parent() -> None:
@@ -268,3 +299,52 @@ def die_with_parent() -> None:
         return
     if os.getppid() != _PPID_AT_IMPORT:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+# ------------------------------------------------------------------------------ after mlflow run
+
+def _gone(pid: int, start: str | None) -> bool:
+    """True when process ``pid`` (started at ``start``) has exited (a zombie counts as exited)."""
+    now = proc_start(pid)
+    if now is None or (start and now != start):
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def reassert_after(pid: int, status: str, run_ids: list[str], uri: str) -> None:
+    """Start a detached helper that, once process ``pid`` has exited, sets ``status`` again on
+    the runs that another writer changed meanwhile.
+
+    Why: ``mlflow run`` (3.x) marks its run FAILED after its worker exits non-zero, without
+    looking at the status the worker set (``RunStatus.is_terminated`` is given the status string
+    and never matches), so a KILLED run would end FAILED. The helper waits at most 120 s.
+    """
+    import subprocess
+    import sys
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)  # through the environment: argv is public
+    subprocess.Popen([sys.executable, "-m", "tracking.liveness", "reassert", str(pid), proc_start(pid) or "",
+                      status, *run_ids], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+
+
+def _reassert(pid: int, start: str, status: str, run_ids: list[str], wait_s: float = 120.0) -> None:
+    deadline = time.monotonic() + wait_s
+    while not _gone(pid, start) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    for run_id in run_ids:
+        run = client.get_run(run_id)
+        reason = run.data.tags.get(schema.TAG_FAILURE, "")
+        if run.info.status != status and reason.startswith(names.REASON_SIGNAL.split("{")[0]):
+            client.set_terminated(run_id, status, end_time=run.info.end_time)
+
+
+if __name__ == "__main__":
+    import sys
+    if len(sys.argv) >= 5 and sys.argv[1] == "reassert":
+        _reassert(int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:])

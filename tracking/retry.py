@@ -70,7 +70,7 @@ class StoreUnavailable(UserError):
             fix = (f"check that the server is up and reachable (MLFLOW_TRACKING_URI), or raise "
                    f"{names.ENV_STORE_RETRY_S}")
         super().__init__(problem, fix)
-        self.uri, self.what = uri, what
+        self.uri, self.what, self.problem, self.fix = uri, what, problem, fix
 
 
 def _chain(exc: BaseException):

@@ -177,7 +177,7 @@ def close_stale_runs(experiment_id: str) -> list[str]:
     closed = []
     for status, query in queries.items():
         found = call_store(lambda q=query: client.search_runs([experiment_id], q, max_results=1000),
-                      "looking for runs left open")
+                           "looking for runs left open")
         for run in found:
             if run.info.run_id in own:
                 continue
@@ -185,7 +185,20 @@ def close_stale_runs(experiment_id: str) -> list[str]:
             if not verdict.alive:
                 call_store(lambda r=run, v=verdict, s=status: _close_dead(client, r, v, s), "closing a dead run")
                 closed.append(run.info.run_id)
+    _unflip_killed(client, experiment_id)
     return closed
+
+
+def _unflip_killed(client: MlflowClient, experiment_id: str) -> None:
+    """Runs we ended KILLED that ``mlflow run`` then marked FAILED (see
+    :func:`tracking.liveness.reassert_after`, which normally repairs them at once) become KILLED."""
+    prefix = names.REASON_SIGNAL.split("{")[0]
+    query = f"attributes.status = 'FAILED' and tags.`{schema.TAG_FAILURE}` LIKE '{prefix}SIG%'"
+    found = call_store(lambda: client.search_runs([experiment_id], query, max_results=1000),
+                       "looking for stopped runs")
+    for run in found:
+        call_store(lambda r=run: client.set_terminated(r.info.run_id, "KILLED", end_time=r.info.end_time),
+                   "marking a stopped run KILLED")
 
 
 def close_if_dead(run_id: str) -> bool:
@@ -317,7 +330,9 @@ def tracked_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, s
         if parent_run_id:
             all_tags[schema.TAG_PARENT_RUN] = parent_run_id
         run, stub = _start(stage, exp_id, run_name, all_tags, nested, top)
-        if stub:
+        launcher = stub or (os.environ.get("MLFLOW_RUN_ID") if top else None)
+        parent_pid = os.getppid()
+        if stub:  # our launcher runs in Default left by killed workers
             close_stale_runs(names.MLFLOW_DEFAULT_EXPERIMENT_ID)
         run_id = run.info.run_id
         for rid in (run_id, stub):
@@ -327,6 +342,7 @@ def tracked_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, s
         try:
             yield run
         except liveness.Stopped as exc:
+            liveness.stop_handled()
             outcome = ("KILLED", exc.reason, True)
             raise
         except KeyboardInterrupt:
@@ -343,6 +359,8 @@ def tracked_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, s
             finally:
                 if stub:
                     _close(stub, status, reason, urgent=urgent, fluent=False)
+                if launcher and status == "KILLED":  # mlflow run would turn it FAILED
+                    liveness.reassert_after(parent_pid, status, [launcher], tracking_uri())
                 if top:
                     _report_spool(run_id)
 
