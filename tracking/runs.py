@@ -290,7 +290,7 @@ def _start(stage: str, exp_id: str, run_name, tags: dict, nested: bool, top: boo
     run_id = run.info.run_id
     fix = {k: redact(v) for k, v in run.data.tags.items() if k in _URL_TAGS and redact(v) != v}
     if launcher is not None:  # the stub points to the real run; -P params follow the results
-        exp_name = _client().get_experiment(exp_id).name
+        exp_name = call_store(lambda: _client().get_experiment(exp_id).name, "reading the experiment")
         _submit(launcher_id, spool.Op("tags", {
             schema.TAG_STAGE: stage, names.TAG_MOVED_TO: run_id, names.TAG_MOVED_TO_EXPERIMENT: exp_name,
             names.TAG_NOTE: f"Results are in experiment '{exp_name}', run {run_id} (gqaprune logs "
@@ -353,16 +353,23 @@ def tracked_run(stage: str, *, run_name: str | None = None, tags: Mapping[str, s
             outcome = ("FAILED", _one_line(exc) or type(exc).__name__, False)
             raise
         finally:
-            status, reason, urgent = outcome
-            try:
-                _close(run_id, status, reason, urgent=urgent)
-            finally:
-                if stub:
-                    _close(stub, status, reason, urgent=urgent, fluent=False)
-                if launcher and status == "KILLED":  # mlflow run would turn it FAILED
-                    liveness.reassert_after(parent_pid, status, [launcher], tracking_uri())
-                if top:
-                    _report_spool(run_id)
+            _finish(run_id, outcome, stub=stub, launcher=launcher, launcher_pid=parent_pid, top=top)
+
+
+def _finish(run_id: str, outcome: tuple[str, str | None, bool], *, stub: str | None, launcher: str | None,
+            launcher_pid: int, top: bool) -> None:
+    """Close the run (and the launcher's stub with the same status); a KILLED launcher run gets a
+    helper that sets KILLED again after ``mlflow run`` has marked it FAILED; report the spool."""
+    status, reason, urgent = outcome
+    try:
+        _close(run_id, status, reason, urgent=urgent)
+    finally:
+        if stub:
+            _close(stub, status, reason, urgent=urgent, fluent=False)
+        if launcher and status == "KILLED":
+            liveness.reassert_after(launcher_pid, status, [launcher], tracking_uri())
+        if top:
+            _report_spool(run_id)
 
 
 # ------------------------------------------------------------------------------ entry points
