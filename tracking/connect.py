@@ -21,11 +21,21 @@ from typing import Iterator
 from gqaprune.errors import UserError
 from tracking import redact
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PROBE_TIMEOUT_S = 5
 _INIT_RACE = ("duplicate column name", "already exists", "online migration expected to match one row",
               "no such table", "can't locate revision")
 _INIT_ATTEMPTS = 5
 _ready: set[str] = set()
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` when set, else an *absolute* sqlite store in the project root.
+
+    Absolute because ``mlflow run`` starts entry points with the project dir as cwd while a
+    user may call ``python -m`` from anywhere; both must write the same store.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
 def sqlite_path(uri: str) -> Path | None:

@@ -202,7 +202,8 @@ class Stopped(KeyboardInterrupt):
         return 128 + self.signum
 
 
-_state = {"depth": 0, "stopping": False, "handled": False, "signum": None, "closing": 0, "pending": None}
+_state = {"depth": 0, "stopping": False, "handled": False, "signum": None, "closing": 0, "pending": None,
+          "generation": 0}  # generation: which stop a watchdog timer belongs to
 LOST_STOP_S = 2.0  # a Stopped not caught by a tracked run within this time was swallowed
 
 
@@ -210,20 +211,20 @@ def _handler(signum, frame):  # noqa: ARG001 - signal handler signature
     if _state["stopping"] or _state["closing"]:
         _state["pending"] = _state["pending"] or signum
         return
-    _state.update(stopping=True, handled=False, signum=signum)
-    _watch_for_a_lost_stop()
+    _state.update(stopping=True, handled=False, signum=signum, generation=_state["generation"] + 1)
+    _watch_for_a_lost_stop(_state["generation"])
     raise Stopped(signum)
 
 
-def _watch_for_a_lost_stop() -> None:
+def _watch_for_a_lost_stop(generation: int) -> None:
     """An exception raised by a signal handler inside a weakref callback or ``__del__`` is
     printed and dropped ("Exception ignored in ..."). If no tracked run has caught the Stopped
     after LOST_STOP_S, deliver the signal again so the stop is not lost."""
     def check():
-        if _state["depth"] == 0 or not _state["stopping"] or _state["handled"]:
+        if _state["generation"] != generation or not _state["stopping"] or _state["handled"]:
             return
         if _state["closing"]:
-            _watch_for_a_lost_stop()
+            _watch_for_a_lost_stop(generation)
             return
         signum, _state["pending"] = _state["pending"] or _state["signum"], None
         _state["stopping"] = False
@@ -262,8 +263,8 @@ def stop_on_signals() -> Iterator[None]:
         _state["depth"] -= 1
         for sig, previous in saved.items():
             signal.signal(sig, previous)
-        if _state["depth"] == 0:
-            _state.update(stopping=False, handled=False, signum=None)
+        if _state["depth"] == 0:  # (the generation bump retires this stop's watchdog)
+            _state.update(stopping=False, handled=False, signum=None, generation=_state["generation"] + 1)
 
 
 @contextmanager

@@ -4,13 +4,13 @@ Kept apart from ``schema.py`` while the lead refactors it; to be folded into ``s
 """
 
 # ---- liveness: who owns a RUNNING run, and is that process still there -----------------------
-TAG_HOST = "liveness.host"            # socket.gethostname() of the process that runs the run
-TAG_PID = "liveness.pid"              # its PID
-TAG_PID_START = "liveness.pid_start"  # its start time (/proc/<pid>/stat field 22, clock ticks after
+TAG_HOST = "liveness/host"            # socket.gethostname() of the process that runs the run
+TAG_PID = "liveness/pid"              # its PID
+TAG_PID_START = "liveness/pid_start"  # its start time (/proc/<pid>/stat field 22, clock ticks after
                                       # boot): a reused PID has another start time
-TAG_MACHINE = "liveness.machine"      # "<boot id>:<pid namespace>": where PID + start are meaningful
-TAG_HEARTBEAT = "liveness.heartbeat"  # unix seconds of the last heartbeat (a daemon thread)
-TAG_CLOSED_BY = "liveness.closed_by"  # on a run closed for its dead process: who closed it and why
+TAG_MACHINE = "liveness/machine"      # "<boot id>:<pid namespace>": where PID + start are meaningful
+TAG_HEARTBEAT = "liveness/heartbeat"  # unix seconds of the last heartbeat (a daemon thread)
+TAG_CLOSED_BY = "liveness/closed_by"  # on a run closed for its dead process: who closed it and why
 
 # ---- reasons (values of schema.TAG_FAILURE) --------------------------------------------------
 REASON_KILLED = "killed"                     # the process died without closing (SIGKILL, OOM, node)

@@ -8,7 +8,7 @@ What each status means (see README "Run statuses"):
 * FINISHED: the body returned.
 * FAILED: it raised; ``failure_reason`` holds the one-line reason. ``failure_reason = killed``:
   the process died without closing the run (SIGKILL, OOM, lost node), found by the next entry
-  point on the experiment (:func:`close_stale_runs`); ``liveness.closed_by`` says how it knew.
+  point on the experiment (:func:`close_stale_runs`); ``liveness/closed_by`` says how it knew.
 * KILLED: stopped by a signal (``failure_reason = killed by SIGTERM`` / ``SIGINT`` / ``SIGHUP``),
   and every nested run that was open with it.
 
@@ -33,10 +33,10 @@ from mlflow.tracking import MlflowClient
 
 from gqaprune.errors import UserError
 from tracking import connect, liveness, retry, schema, spool
+from tracking.connect import PROJECT_ROOT, tracking_uri  # noqa: F401 - part of this module's API
 from tracking import names_robust as names
 from tracking.redact import redact
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
 _MAX_TAG_LEN = 5000
 CLOSE_BUDGET_S = 10.0   # closing after a stop signal: schedulers send SIGKILL soon after SIGTERM
@@ -44,15 +44,6 @@ REPLAY_EVERY_S = 30.0   # while a run's ops wait in the spool: how often to try 
 # Tags of an `mlflow run` launcher run copied to the run that holds its results.
 _LAUNCHER_TAGS = ("mlflow.source.", "mlflow.project.", "mlflow.gitRepoURL", "mlflow.user")
 _URL_TAGS = ("mlflow.source.git.repoURL", "mlflow.gitRepoURL", "mlflow.source.name")
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` when set, else an *absolute* sqlite store in the project root.
-
-    Absolute because ``mlflow run`` starts entry points with the project dir as cwd while a
-    user may call ``python -m`` from anywhere; both must write the same store.
-    """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
 def _artifact_location(uri: str) -> str | None:

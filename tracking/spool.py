@@ -208,7 +208,7 @@ def describe(uri: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from tracking.runs import tracking_uri
+    from tracking.connect import tracking_uri
     uri = tracking_uri()
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)

@@ -132,7 +132,9 @@ def find_runs_anywhere(tags: dict[str, str], status: str | None = "FINISHED") ->
     parts = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     if status:
         parts.append(f"attributes.status = '{status}'")
-    return client.search_runs(ids, filter_string=" and ".join(parts), order_by=["attributes.start_time DESC"])
+    return call_store(lambda: client.search_runs(ids, filter_string=" and ".join(parts),
+                                                 order_by=["attributes.start_time DESC"]),
+                      "looking up runs by tag")
 
 
 # ---- whole-store queries for analysis/ (tables and figures) --------------------------------
