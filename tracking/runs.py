@@ -157,8 +157,10 @@ def close_stale_runs(experiment_id: str) -> list[str]:
 
     RUNNING runs whose process is gone (see :mod:`tracking.liveness`) end FAILED with
     ``failure_reason = killed``; FAILED runs of ours without a reason (``mlflow run`` marks its
-    run FAILED when the worker died) get that reason. Two indexed queries: cheap enough for every
-    entry point, and the way a restarted sweep closes the children of the sweep that was killed.
+    run FAILED when the worker died) get that reason, and KILLED runs that ``mlflow run`` turned
+    FAILED are KILLED again. Three filtered queries that return only such runs: cheap enough for
+    every entry point, and the way a restarted sweep closes the children of the sweep that was
+    killed.
     """
     client = _client()
     own = set(_HEARTBEAT.runs()) | {os.environ.get("MLFLOW_RUN_ID")}
