@@ -18,6 +18,7 @@ import torch
 
 from gqaprune.arch import (BIAS_KEYS, CFG_BASE_MODEL_TYPE, LAYER_SIZE_KEYS, REMOTE_PREFIX,
                            base_model_type)
+from gqaprune.errors import UserError
 from gqaprune.remote import modeling_gqaprune as remote
 from gqaprune.structured.units import model_shapes
 
@@ -81,7 +82,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, local_files
 
     cfg_path = Path(path) / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
+        cfg = read_config(cfg_path)
         if str(cfg.get("model_type", "")).startswith(REMOTE_PREFIX):   # own config type (biases; older releases)
             _, model_cls = remote.CLASSES[cfg.get(CFG_BASE_MODEL_TYPE) or
                                           cfg["model_type"].removeprefix(REMOTE_PREFIX)]
@@ -91,6 +92,18 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, local_files
             config = remote.STOCK_CONFIGS[base].from_pretrained(str(path))
             return remote.CLASSES[base][1].from_pretrained(str(path), config=config, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
+
+
+def read_config(cfg_path: Path) -> dict:
+    """A model folder's config.json as a dict; anything else is bad input (one-line UserError)."""
+    fix = "the folder needs the config.json a Hugging Face model was saved with"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"'{cfg_path}' is not valid JSON ({str(exc).splitlines()[0][:120]})", fix) from exc
+    if not isinstance(cfg, dict):
+        raise UserError(f"'{cfg_path}' holds a JSON {type(cfg).__name__}, not a model config (an object)", fix)
+    return cfg
 
 
 def layer_sizes(config) -> dict:

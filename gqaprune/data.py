@@ -37,6 +37,23 @@ def register_source(name: str, hub: bool = True):
     return deco
 
 
+MAX_CALIBRATION_TOKENS = 1 << 26    # 67M token ids (512 MB as int64) per draw: bounded before allocation
+
+
+def check_window_budget(what: str, samples: int, seq_len: int) -> None:
+    """``samples`` windows of ``seq_len`` tokens must fit the bound before anything is allocated."""
+    if samples * seq_len > MAX_CALIBRATION_TOKENS:
+        raise UserError(f"{what}: {samples:,} windows x {seq_len:,} tokens = {samples * seq_len:,} tokens is more "
+                        f"than {MAX_CALIBRATION_TOKENS:,}", f"lower the number of windows (e.g. 128-1024) or their length")
+
+
+def check_context(what: str, seq_len: int, model) -> None:
+    """A window longer than the model's positions would run beyond what it was trained on."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise UserError(f"{what} {seq_len} exceeds the model's {limit} positions", f"pass {what} <= {limit}")
+
+
 def default_source(model_alias: str) -> str:
     """What ``auto`` means: the demo corpus for the demo model, WikiText2 otherwise."""
     return "demo" if model_alias == "demo" else "wikitext2"
@@ -53,6 +70,7 @@ class CalibrationConfig(Section):
     seed: int = knob(0, "seed of the window sampling (and of random scores)")
 
     def check(self) -> None:
+        check_window_budget("taylor_num_samples x taylor_seq_len", self.taylor_num_samples, self.taylor_seq_len)
         name = self.calibration_dataset
         if name != AUTO and not is_available(name):
             raise UserError(f"unknown calibration_dataset '{name}'",
@@ -214,6 +232,13 @@ def demo(split: str) -> list[str]:
     return demo_texts("train" if split == "train" else "validation")
 
 
+def _as_record(rec, path: Path, lineno: int) -> dict:
+    if not isinstance(rec, dict):
+        raise UserError(f"record {lineno} of '{path}' is a JSON {type(rec).__name__}, not an object",
+                        "give each record a 'text' field (or context+question, or Alpaca fields)")
+    return rec
+
+
 def _record_text(rec: dict, path: Path, lineno: int) -> str:
     if "text" in rec:
         return str(rec["text"])
@@ -225,21 +250,44 @@ def _record_text(rec: dict, path: Path, lineno: int) -> str:
                     "instruction", "give each JSON record a 'text' field")
 
 
+def read_text_file(p: Path) -> str:
+    """A text file's contents; a binary file (NUL bytes, or not UTF-8) is bad input."""
+    raw = p.read_bytes()
+    if b"\x00" in raw[:1 << 16]:
+        raise UserError(f"data file '{p}' is binary, not text", "pass a UTF-8 .txt, .jsonl or .json file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data file '{p}' is not UTF-8 text (byte {exc.start}: {exc.reason})",
+                        "pass a UTF-8 .txt, .jsonl or .json file") from exc
+
+
+def _json(text: str, p: Path, where: str):
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise UserError(f"{where} of '{p}' is not valid JSON ({str(exc).splitlines()[0][:100]})",
+                        "write one JSON object per line (.jsonl) or a JSON list (.json)") from exc
+
+
 def read_local_texts(path: str | Path) -> list[str]:
     """``.txt``: paragraphs split on blank lines; ``.jsonl``/``.json``: one text per record."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"data file '{p}' not found", "pass an existing .txt, .jsonl or .json file")
+    text = read_text_file(p)
     if p.suffix == ".jsonl":
-        lines = [ln for ln in p.read_text().splitlines() if ln.strip()]
-        texts = [_record_text(json.loads(ln), p, i + 1) for i, ln in enumerate(lines)]
+        lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+        texts = [_record_text(_as_record(_json(ln, p, f"line {n}"), p, n), p, n) for n, ln in lines]
     elif p.suffix == ".json":
-        data = json.loads(p.read_text())
+        data = _json(text, p, "the file")
         data = data.get("data", data) if isinstance(data, dict) else data
-        texts = [_record_text(r, p, i + 1) for i, r in enumerate(data)]
+        if not isinstance(data, list):
+            raise UserError(f"'{p}' holds a JSON {type(data).__name__}, not a list of records",
+                            "write a JSON list of records (or {\"data\": [...]})")
+        texts = [_record_text(_as_record(r, p, i + 1), p, i + 1) for i, r in enumerate(data)]
     else:
-        raw = p.read_text(encoding="utf-8", errors="replace")
-        texts = [para.strip() for para in raw.split("\n\n") if para.strip()]
+        texts = [para.strip() for para in text.split("\n\n") if para.strip()]
     if not texts:
         raise UserError(f"data file '{p}' holds no text", "pass a non-empty file")
     return texts

@@ -84,6 +84,11 @@ class PruneConfig(Section):
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def check(self) -> None:
+        s = self.structured
+        data.check_window_budget("importance_samples x taylor_seq_len", s.rates.importance_samples,
+                                 self.calibration.taylor_seq_len)
+        data.check_window_budget("reconstruct_samples x reconstruct_seq_len", s.reconstruction.reconstruct_samples,
+                                 s.reconstruction.reconstruct_seq_len)
         if self.kind == SPARSITY:
             self._check_sparsity()
             return
@@ -237,6 +242,7 @@ def prune(model, tokenizer, config: PruneConfig, *, model_alias: str, model_path
           inputs: PruneInputs = PruneInputs()) -> PruneOutcome:
     """Decide (or replay) a plan, commit it to ``model`` in place, and diagnose it."""
     t0 = time.perf_counter()
+    check_context(model, config)
     params_before = count_parameters(model)
     source = config.calibration.source(model_alias)
     if config.kind == SPARSITY:
@@ -269,6 +275,15 @@ def _replay(model, inputs: PruneInputs, check: bool = True) -> PruningPlan:
         plan.check_compatible(model_shapes(model))
     plan.provenance = replace(plan.provenance, replayed_from=inputs.plan_source)
     return plan
+
+
+def check_context(model, config: PruneConfig) -> None:
+    """Every window the run will draw fits the model's positions."""
+    if not config.needs_calibration:
+        return
+    data.check_context("taylor_seq_len", config.calibration.taylor_seq_len, model)
+    if config.kind == STRUCTURED and config.structured.reconstruction.reconstruct != "none":
+        data.check_context("reconstruct_seq_len", config.structured.reconstruction.reconstruct_seq_len, model)
 
 
 def _joint_of(config: PruneConfig, inputs: PruneInputs):

@@ -184,6 +184,11 @@ def run(cfg: EvalConfig) -> dict:
     device, dtype = cfg.runtime.resolved()
     seed_everything(cfg.seed)
     model, tokenizer = load_for_eval(resolved.local_path or spec.path, spec, dtype, device)
+    if sources:
+        data.check_context(schema.P_PPL_SEQ_LEN, cfg.ppl.ppl_seq_len, model)
+    if cfg.throughput.speed:
+        data.check_context("speed_prompt_len + speed_new_tokens",
+                           cfg.throughput.speed_prompt_len + cfg.throughput.speed_new_tokens, model)
     print(f"evaluating {cfg.model_uri} ({spec.path}) on {device} {str(dtype).removeprefix('torch.')}")
 
     facts = speed_mod.model_facts(model, resolved.local_path or (spec.path if Path(spec.path).is_dir() else None))
