@@ -148,6 +148,8 @@ class RuntimeConfig(Section):
     dtype: str = knob("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16",
                       choices=("auto", *_DTYPES), kind="dtype")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    verbose: bool = knob(False, "show the known-harmless library warnings that are hidden and summarised "
+                         "by default (also GQAPRUNE_VERBOSE=1)")
 
     def resolved(self) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(self.device)

@@ -149,7 +149,8 @@ class SearchArgs(Section):
     eval_args: str | None = knob(None, 'eval flags: "--ppl_datasets wikitext2,ptb --tasks standard"')
     resume: bool | None = knob(None, "reuse points that already FINISHED in this experiment (default true)")
     stop_on_error: bool | None = knob(None, "stop (and fail the search) at the first failing point (default false)")
-    dry_run: bool = knob(False, "list the points, run nothing")
+    dry_run: bool = knob(False, "list the points, run nothing (no run is created)")
+    verbose: bool = knob(False, "show the known-harmless library warnings (hidden and summarised by default)")
 
 
 def build_parser() -> Parser:

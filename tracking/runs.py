@@ -32,7 +32,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from gqaprune.errors import UserError
-from tracking import connect, liveness, retry, schema, spool
+from tracking import connect, liveness, quiet, retry, schema, spool
 from tracking.connect import PROJECT_ROOT, tracking_uri  # noqa: F401 - part of this module's API
 from tracking.redact import redact
 
@@ -384,6 +384,7 @@ def entry_point(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any]
     their traceback (they are bugs) but still leave the run FAILED. A stop signal ends the run
     KILLED and returns 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
     """
+    quiet.install(quiet.wants_verbose(dict(raw_params or {})))
     if raw_params is not None and "help" in raw_params:
         try:  # --help prints and exits: no run to record
             parse()

@@ -213,9 +213,22 @@ def go_offline() -> None:
 
 
 def quiet_lm_eval() -> None:
-    """lm-eval logs every config override at INFO; keep warnings and errors only."""
+    """lm-eval logs every config override at INFO; keep warnings and errors only. Its results record
+    the git commit of the working directory by running ``git describe`` with git's stderr open, so
+    outside a repository every evaluation prints "fatal: not a git repository": ask quietly."""
     import logging
+    import subprocess
+
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    from lm_eval import evaluator
+
+    def git_hash():
+        try:
+            out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    evaluator.get_git_commit_hash = git_hash
 
 
 def task_manager(include_paths: list[str | Path], with_defaults: bool = True):
