@@ -250,3 +250,41 @@ def eval_stream(tokenizer, name: str, split: str = "validation",
         texts = split_local(texts, "train" if split == "train" else "validation")
     ids = tokenizer("\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+# ---- structured record sources (fine-tuning data) ------------------------------------------------
+# Beside the text SOURCES: hub datasets whose records have a fixed *form* (instruction: Alpaca's
+# instruction / input / output; qa: SQuAD's context / question / answers). ``gqaprune.finetune``
+# checks and normalises the records; a source only fetches them.
+
+@dataclass(frozen=True)
+class RecordSource:
+    """A hub dataset of structured records: ``load()`` -> (raw records, where they came from)."""
+    repo: str            # Hugging Face dataset id
+    form: str            # instruction | qa
+    split: str
+    description: str
+
+    def load(self, name: str) -> tuple[list, str]:
+        """Raw records of ``split`` and a description of the source (logged); ``name`` is what the
+        user asked for (it names the dataset in errors)."""
+        if not hub_reachable():
+            raise UserError(f"dataset '{name}' ({self.repo}) needs the Hugging Face hub, which is not "
+                            "reachable (offline or HF_DATASETS_OFFLINE set)",
+                            "pass a local .json/.jsonl file in the same form, or run where the hub is reachable")
+        from datasets import load_dataset
+        try:
+            ds = load_dataset(self.repo, split=self.split)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
+            raise UserError(f"dataset '{self.repo}' could not be loaded: {str(exc).splitlines()[0][:200]}",
+                            "check the network or pass a local file") from exc
+        return list(ds), f"{self.repo} [{self.split}]"
+
+
+RECORD_SOURCES: Registry[RecordSource] = Registry("dataset")
+_ALPACA = RecordSource("yahma/alpaca-cleaned", "instruction", "train",
+                       "Alpaca-cleaned: 52k instruction / input / output records")
+for _name in ("alpaca", "alpaca-cleaned", "yahma/alpaca-cleaned"):
+    RECORD_SOURCES.register(_name, _ALPACA)
+RECORD_SOURCES.register("squad", RecordSource("rajpurkar/squad", "qa", "train",
+                                              "SQuAD v1.1: context / question / answers"))
