@@ -1,8 +1,10 @@
 """Registry of text sources and seeded token batches for calibration, evaluation and training.
 
-A source is a function ``(split) -> list[str]``. Hub sources (wikitext2, c4, ptb, squad, mixed)
-need ``datasets`` and a reachable hub; any local ``.txt`` / ``.jsonl`` / ``.json`` path and the
-built-in ``demo`` corpus work offline.
+A source is a function ``(split) -> list[str]``; hub sources also take ``data_dir``. Hub sources
+(wikitext2, c4, ptb, squad, mixed) read the local copy in the data dir when there is one
+(``gqaprune.datadir``: ``--data_dir`` / ``$GQAPRUNE_DATA_DIR``), else need ``datasets`` and a
+reachable hub; ``mixed:a,b`` blends any sources or files. Any local ``.txt`` / ``.jsonl`` /
+``.json`` path and the built-in ``demo`` corpus work offline.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ from typing import Callable
 import torch
 
 from gqaprune.config import Section, knob
+from gqaprune.datadir import DataCopy, DataDir, DatasetRef, file_sha256
 from gqaprune.demo_corpus import demo_texts
 from gqaprune.errors import UserError
-from gqaprune.hub import hub_reachable
+from gqaprune.hub import hub_reachable  # noqa: F401 - re-exported for the entry points
 from gqaprune.registry import Registry
 
 # name -> (split) -> list of texts
@@ -51,7 +54,7 @@ class CalibrationConfig(Section):
 
     def check(self) -> None:
         name = self.calibration_dataset
-        if name != AUTO and name not in SOURCES and not Path(name).expanduser().is_file():
+        if name != AUTO and not is_available(name):
             raise UserError(f"unknown calibration_dataset '{name}'",
                             f"use auto, one of {', '.join(sorted(SOURCES))}, or an existing file path")
 
@@ -59,60 +62,106 @@ class CalibrationConfig(Section):
         return default_source(model_alias) if self.calibration_dataset == AUTO else self.calibration_dataset
 
 
-def _load_hub(name: str, *args, **kwargs):
-    if not hub_reachable():
-        raise UserError(f"dataset '{name}' cannot be reached (offline: the Hugging Face hub is not "
-                        "reachable or HF_DATASETS_OFFLINE is set)",
-                        "pass a local .txt/.jsonl file path instead, or run where the hub is reachable")
-    from datasets import load_dataset
-    try:
-        return load_dataset(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
-        raise UserError(f"dataset '{name}' could not be loaded: {str(exc).splitlines()[0][:200]}",
-                        "check the name/split or pass a local file") from exc
+WIKITEXT2 = DatasetRef("Salesforce/wikitext", "wikitext-2-raw-v1")
+# The hub repo is script-based (unloadable by datasets >= 4): read its parquet export.
+PTB = DatasetRef("ptb-text-only/ptb_text_only", "penn_treebank", export=True)
+_C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
+             "validation": "en/c4-validation.00000-of-00008.json.gz"}
+C4 = {k: DatasetRef("allenai/c4", files=((k, f),)) for k, f in _C4_FILES.items()}
+SQUAD = DatasetRef("rajpurkar/squad")
+MIXED_PARTS = ("wikitext2", "c4", "squad")
+MIXED_PREFIX = "mixed:"
 
 
 def _split(split: str, valid: str = "validation") -> str:
     return {"train": "train", "validation": valid, "test": "test"}.get(split, split)
 
 
+def _c4_key(split: str) -> str:
+    return "train" if split == "train" else "validation"
+
+
+def source_refs(name: str, split: str | None = None) -> list[DatasetRef]:
+    """Hub datasets the registered source ``name`` reads (``split`` None: for every split).
+
+    For fetch planning and provenance; ``mixed[:a,b]`` lists its hub parts, files list nothing.
+    """
+    if name == "wikitext2":
+        return [WIKITEXT2]
+    if name == "ptb":
+        return [PTB]
+    if name == "c4":
+        return list(C4.values()) if split is None else [C4[_c4_key(split)]]
+    if name == "squad":
+        return [SQUAD]
+    if name == "mixed" or name.startswith(MIXED_PREFIX):
+        return [r for part in mixed_parts(name) if part in SOURCES for r in source_refs(part, split)]
+    return []
+
+
+def _load_hub(ref: DatasetRef, split: str, data_dir: DataDir | None):
+    """One split of ``ref``: the data dir's copy if there is one, else the hub (fails at once
+    offline, naming the expected local path)."""
+    return (data_dir or DataDir.from_env()).load(ref, split)
+
+
 @register_source("wikitext2")
-def wikitext2(split: str) -> list[str]:
-    ds = _load_hub("wikitext2", "Salesforce/wikitext", "wikitext-2-raw-v1", split=_split(split))
+def wikitext2(split: str, data_dir: DataDir | None = None) -> list[str]:
+    ds = _load_hub(WIKITEXT2, _split(split), data_dir)
     # One stream joined with blank lines, as in the perplexity literature (SparseGPT/Wanda).
     return ["\n\n".join(ds["text"])]
 
 
 @register_source("ptb")
-def ptb(split: str) -> list[str]:
-    ds = _load_hub("ptb", "ptb-text-only/ptb_text_only", "penn_treebank", split=_split(split))
+def ptb(split: str, data_dir: DataDir | None = None) -> list[str]:
+    ds = _load_hub(PTB, _split(split), data_dir)
     return [" ".join(ds["sentence"])]
 
 
-_C4_FILES = {"train": "en/c4-train.00000-of-01024.json.gz",
-             "validation": "en/c4-validation.00000-of-00008.json.gz"}
-
-
 @register_source("c4")
-def c4(split: str) -> list[str]:
-    key = "train" if split == "train" else "validation"
-    ds = _load_hub("c4", "allenai/c4", data_files={key: _C4_FILES[key]}, split=key)
+def c4(split: str, data_dir: DataDir | None = None) -> list[str]:
+    key = _c4_key(split)
+    ds = _load_hub(C4[key], key, data_dir)
     return list(ds["text"][:20000]) if key == "train" else list(ds["text"][:1100])
 
 
 @register_source("squad")
-def squad(split: str) -> list[str]:
-    ds = _load_hub("squad", "rajpurkar/squad", split=_split(split))
+def squad(split: str, data_dir: DataDir | None = None) -> list[str]:
+    ds = _load_hub(SQUAD, _split(split), data_dir)
     return [f"{c}\n{q}" for c, q in zip(ds["context"], ds["question"])]
 
 
+def mixed_parts(name: str) -> list[str]:
+    """``mixed`` -> wikitext2, c4, squad; ``mixed:a,b`` -> [a, b] (source names or files)."""
+    if name == "mixed":
+        return list(MIXED_PARTS)
+    parts = [p.strip() for p in name[len(MIXED_PREFIX):].split(",") if p.strip()]
+    bad = [p for p in parts if p == "mixed" or p.startswith(MIXED_PREFIX)]
+    if len(parts) < 2 or bad:
+        raise UserError(f"'{name}' must blend at least two sources, none of them mixed",
+                        "write mixed:<source or file>,<source or file>[,...], e.g. mixed:wikitext2,squad")
+    return parts
+
+
+def _part_texts(part: str, split: str, data_dir: DataDir | None) -> list[str]:
+    if part in SOURCES:
+        return load_texts(part, split, data_dir=data_dir)
+    if is_local(part):   # files: calibration sees only their training paragraphs
+        return split_local(read_local_texts(part), "train" if split == "train" else "validation")
+    raise UserError(f"unknown part '{part}' of a mixed source",
+                    f"use {', '.join(sorted(set(SOURCES) - {'mixed'}))} or a .txt/.jsonl/.json file")
+
+
 @register_source("mixed")
-def mixed(split: str) -> list[str]:
-    """Equal blend (by characters, roughly) of wikitext2, c4 and squad."""
-    parts = [wikitext2(split), c4(split), squad(split)]
-    budget = min(sum(len(t) for t in p) for p in parts)
+def mixed(split: str, data_dir: DataDir | None = None, parts: list[str] | None = None) -> list[str]:
+    """Equal blend (by characters, roughly) of ``parts`` (default wikitext2, c4, squad).
+
+    Each part is a registered source (its data-dir copy when there is one) or a local file.
+    """
+    texts = [_part_texts(p, split, data_dir) for p in (parts or MIXED_PARTS)]
+    budget = min(sum(len(t) for t in p) for p in texts)
     out = []
-    for p in parts:
+    for p in texts:
         used = 0
         for t in p:
             if used >= budget:
@@ -120,6 +169,44 @@ def mixed(split: str) -> list[str]:
             out.append(t[: budget - used])
             used += len(out[-1])
     return out
+
+
+def check_source(name: str, split: str = "train", data_dir: DataDir | None = None) -> list[DataCopy]:
+    """Where ``name`` will be read from, without loading it: one :class:`DataCopy` per part.
+
+    Fails at once (UserError) for an unknown name, a missing file, or a hub dataset that has
+    no local copy while the hub is not reachable (naming the expected path). Entry points call
+    it before loading a model and log ``[c.to_dict() for c in copies]``.
+    """
+    dd = data_dir or DataDir.from_env()
+    if name == "mixed" or name.startswith(MIXED_PREFIX):
+        return [c for part in mixed_parts(name) for c in check_source(part, split, dd)]
+    if name in SOURCES and name not in HUB_SOURCES:
+        return [DataCopy(None, "builtin", name=name)]
+    if name in SOURCES:
+        return [_named(dd.require(ref), name) for ref in source_refs(name, split)]
+    if is_local(name):
+        p = Path(name).expanduser()
+        if not p.is_file():
+            raise UserError(f"data file '{p}' not found", "pass an existing .txt, .jsonl or .json file")
+        return [DataCopy(None, "file", str(p.resolve()), sha256=file_sha256(p)[:16], name=name)]
+    raise UserError(f"unknown dataset '{name}'",
+                    f"use one of {', '.join(sorted(SOURCES))}, mixed:<a>,<b>, or a path to a "
+                    ".txt/.jsonl/.json file")
+
+
+def _named(copy: DataCopy, name: str) -> DataCopy:
+    from dataclasses import replace
+    return replace(copy, name=name)
+
+
+def load_hub_records(repo: str, split: str = "train", config: str | None = None,
+                     data_dir: DataDir | None = None) -> tuple[list[dict], DataCopy]:
+    """Records of a hub dataset (e.g. alpaca for fine-tuning) and where they came from."""
+    dd = data_dir or DataDir.from_env()
+    ref = DatasetRef(repo, config)
+    copy = dd.require(ref)
+    return list(dd.load(ref, split)), _named(copy, repo)
 
 
 @register_source("demo", hub=False)
@@ -159,23 +246,33 @@ def read_local_texts(path: str | Path) -> list[str]:
 
 
 def is_available(name: str) -> bool:
-    """A registered source or an existing local file."""
+    """A registered source, a ``mixed:a,b`` blend of available parts, or an existing local file
+    (no hub is contacted: ``check_source`` tells whether a hub source can be read)."""
+    if name.startswith(MIXED_PREFIX):
+        return all(is_available(p) for p in mixed_parts(name))
     return name in SOURCES or Path(name).expanduser().is_file()
 
 
 def is_local(name: str) -> bool:
-    return name not in SOURCES and (Path(name).expanduser().exists() or "/" in name or
-                                    Path(name).suffix in (".txt", ".jsonl", ".json"))
+    if name in SOURCES or name.startswith(MIXED_PREFIX):
+        return False
+    return Path(name).expanduser().exists() or "/" in name or Path(name).suffix in (".txt", ".jsonl", ".json")
 
 
-def load_texts(name: str, split: str = "train") -> list[str]:
-    """Texts of a registered source or of a local file."""
+def load_texts(name: str, split: str = "train", data_dir: DataDir | None = None) -> list[str]:
+    """Texts of a registered source (hub sources: from ``data_dir``'s copy when there is one;
+    None: ``DataDir.from_env()``), of ``mixed:a,b``, or of a local file."""
+    if name.startswith(MIXED_PREFIX):
+        return mixed(split, data_dir, mixed_parts(name))
+    if name in HUB_SOURCES:
+        return SOURCES.get(name)(split, data_dir=data_dir)
     if name in SOURCES:
         return SOURCES.get(name)(split)
     if is_local(name):
         return read_local_texts(name)
     raise UserError(f"unknown dataset '{name}'",
-                    f"use one of {', '.join(sorted(SOURCES))} or a path to a .txt/.jsonl/.json file")
+                    f"use one of {', '.join(sorted(SOURCES))}, mixed:<a>,<b>, or a path to a "
+                    ".txt/.jsonl/.json file")
 
 
 def split_local(texts: list[str], split: str, every: int = 10) -> list[str]:
@@ -221,7 +318,7 @@ def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int
 
 
 def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, seed: int,
-                        split: str = "train") -> torch.Tensor:
+                        split: str = "train", data_dir: DataDir | None = None) -> torch.Tensor:
     """Seeded calibration samples -> LongTensor [n_samples, seq_len].
 
     Local files are split 90/10 so that calibration never sees the held-out tail used for
@@ -230,7 +327,7 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, se
     if n_samples < 1 or seq_len < 2:
         raise UserError(f"need at least 1 sample of 2 tokens (got {n_samples} x {seq_len})",
                         "raise the number of samples / sequence length")
-    texts = load_texts(source, split)
+    texts = load_texts(source, split, data_dir=data_dir)
     if is_local(source):
         texts = split_local(texts, split)
     # Enough tokens for diverse windows without tokenizing a whole corpus.
@@ -239,13 +336,13 @@ def calibration_batches(tokenizer, source: str, n_samples: int, seq_len: int, se
 
 
 def eval_stream(tokenizer, name: str, split: str = "validation",
-                max_tokens: int | None = None) -> torch.Tensor:
+                max_tokens: int | None = None, data_dir: DataDir | None = None) -> torch.Tensor:
     """Held-out token stream [T] for perplexity: texts joined by single newlines.
 
     Local files: the held-out tail (last 10% of paragraphs, never used for calibration) for any
     split but "train"; blank lines collapse to single newlines.
     """
-    texts = load_texts(name, split)
+    texts = load_texts(name, split, data_dir=data_dir)
     if is_local(name):
         texts = split_local(texts, "train" if split == "train" else "validation")
     ids = tokenizer("\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]

@@ -64,21 +64,20 @@ def run(cfg: PruneConfig) -> dict:
     reset_peak_memory(device)
     outcome = prune(model, tokenizer, cfg, model_alias=spec.alias, model_path=spec.path, inputs=inputs)
     runs.log_params({schema.P_CALIBRATION_RESOLVED: outcome.calibration_source})
-    metrics = report.log_plan(spec.alias, outcome, peak_memory_mb(device))
-    metrics.update(report.log_rates(cfg, spec.alias, outcome))
-    metrics.update(report.log_diagnosis(spec.alias, outcome))
-    metrics.update(report.log_reconstruction(spec.alias, outcome))
+    report.log_data_sources(outcome.data_sources)
+    if outcome.sparsity is not None:
+        metrics = report.log_sparsity(spec.alias, outcome, peak_memory_mb(device))
+    elif outcome.joint is not None:
+        metrics = report.log_joint(cfg, spec.alias, outcome, peak_memory_mb(device))
+    else:
+        metrics = report.log_structured(cfg, spec.alias, outcome, peak_memory_mb(device))
     if cfg.output.save_model:
         report.save_model(model, tokenizer, cfg)
-    print(f"pruned {spec.alias} with {outcome.plan.method}: {outcome.params_before:,} -> "
-          f"{outcome.params_after:,} parameters; {metrics[schema.M_ACHIEVED_RATIO]:.1%} of prunable "
-          f"parameters removed (target {cfg.structured.pruning_ratio:.0%}) in {outcome.timings.total_s:.1f}s")
     return metrics
 
 
 def run_name(cfg: PruneConfig) -> str:
-    return schema.run_name(schema.STAGE_PRUNE, Path(cfg.model.model).name, cfg.method_label,
-                           cfg.structured.pruning_ratio)
+    return schema.run_name(schema.STAGE_PRUNE, Path(cfg.model.model).name, cfg.method_label, cfg.ratio)
 
 
 def run_child(cfg: PruneConfig, extra_tags: Mapping[str, str] | None = None) -> str:

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from gqaprune.config import Section, flat, knob, leaves, parse_flat
 from gqaprune.errors import UserError
 from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.loading import DEMO_ALIAS, resolve_model
-from gqaprune.pipeline import PruneConfig, applicable, readers_of
+from gqaprune.pipeline import (STRUCTURED, PruneConfig, all_methods, applicable, method_kind, readers_of,
+                               unread)
 from gqaprune.structured import methods
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from prune_entry import evaluate, prune
@@ -301,7 +303,8 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
         config=cli["config"])
     for m in cfg.methods:
-        methods.method_spec(m)
+        if m not in all_methods():
+            raise UserError(f"unknown method '{m}'", f"use one of {', '.join(all_methods())}")
     _check_prune_names(cfg.grid, "grid")
     _check_prune_names(cfg.prune_args, "prune_args")
     for model in cfg.models:
@@ -378,14 +381,17 @@ def plan_points(cfg: SearchConfig) -> list[Point]:
     combos = itertools.product(cfg.models, cfg.methods, cfg.ratios, *(cfg.grid[g] for g in grid_names))
     for index, (model, method, ratio, *values) in enumerate(combos):
         grid = dict(zip(grid_names, values))
-        raw = {schema.P_MODEL: model, schema.P_METHOD: method, RATIO: ratio, **cfg.prune_args, **grid}
+        # the ratio axis is pruning_ratio for structured methods and the target sparsity for sparsity ones
+        axis = RATIO if method_kind(method) == STRUCTURED else schema.P_SPARSITY
+        raw = {schema.P_MODEL: model, schema.P_METHOD: method, axis: ratio, **cfg.prune_args, **grid}
         point = Point(index, model, method, ratio, grid, None, key="")
         try:
             point.prune, dropped = applicable(parse_flat(PruneConfig, raw))   # shared args: only what applies
             prune.preflight(point.prune)
         except UserError as exc:
             raise UserError(f"sweep point '{point.label()}': {exc}") from exc
-        point.grid = own_grid = {k: v for k, v in grid.items() if k not in dropped}
+        skip = set(dropped) | unread(point.prune)
+        point.grid = own_grid = {k: v for k, v in grid.items() if k not in skip}
         point.given = {k: v for k, v in raw.items() if k not in dropped}
         spec = resolve_model(model, point.prune.model.models_file)
         point.key = _point_key(point.prune, spec.path)
@@ -413,7 +419,8 @@ def _check_applies(cfg: SearchConfig) -> None:
     unused = []
     for section in METHOD_SECTIONS:
         names = {leaf.name for leaf in leaves(type(getattr(StructuredConfig(), section)))} & given
-        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods):
+        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods
+                             if method_kind(m) == STRUCTURED):
             unused += sorted(names)
             readers = readers_of(section)
     if unused:
@@ -450,18 +457,29 @@ def parse(argv: list[str] | None) -> Sweep:
 
 
 def preflight(sweep: Sweep) -> None:
-    """Data the children will need from the hub, checked once before the first point runs."""
-    hub = sorted({p.calibration for p in sweep.points} & set(data.HUB_SOURCES))
-    if hub and not data.hub_reachable():
-        raise UserError(f"calibration dataset(s) {', '.join(hub)} are on the Hugging Face hub, which is "
-                        "not reachable (offline)", "add calibration_dataset=<local .txt/.jsonl file> to "
-                        "prune_args, or run where the hub is reachable")
+    """Data the children will need (calibration, perplexity, zero-shot task datasets: local copies
+    or the hub), checked once before the first point runs, so a typo or an offline hub fails in
+    seconds, not after the first prune."""
+    missing = []
+    for p in sweep.points:
+        if not p.prune.needs_calibration or p.calibration in missing:
+            continue
+        try:
+            data.check_source(p.calibration, "train", p.prune.data.resolve())
+        except UserError:
+            missing.append(p.calibration)
+    if missing:
+        raise UserError(f"calibration dataset(s) {', '.join(missing)} are on the Hugging Face hub, which is "
+                        "not reachable (offline), and the data dir has no copy", "add calibration_dataset="
+                        "<local .txt/.jsonl file> or data_dir=<local copies> to prune_args, or run where the "
+                        "hub is reachable")
     if not sweep.config.eval:
         return
     for model in sweep.config.models:
         cfg = next(p.eval for p in sweep.points if p.model == model)
         ppl_sources(cfg, is_demo=False)   # the eval run sees a pruned checkpoint
-        task_plan(cfg, is_demo=False)
+        names, to_build = task_plan(cfg, is_demo=False)
+        evaluate.prepare_tasks(cfg, names, to_build, log=False)   # offline hub tasks fail now
 
 
 # ------------------------------------------------------------------------------ resume
@@ -740,9 +758,9 @@ def _plan_dict(sweep: Sweep) -> list[dict]:
             for p in sweep.points + sweep.dense]
 
 
-def dry_run(sweep: Sweep, experiment_id: str) -> None:
-    """Print (and log) the points, and which a real run would reuse."""
-    rows, resume = [], sweep.config.resume
+def dry_run(sweep: Sweep, experiment_id: str | None) -> None:
+    """Print the points and which a real run would reuse (no MLflow run is created)."""
+    rows, resume = [], sweep.config.resume and experiment_id is not None
     for n, p in enumerate(sweep.ordered(), 1):
         if p.dense:
             prune_id, eval_id = None, finished_dense(experiment_id, p) if resume else None
@@ -753,9 +771,8 @@ def dry_run(sweep: Sweep, experiment_id: str) -> None:
         rows.append({"#": n, "model": p.model, "method": p.method, RATIO: p.ratio,
                      **{g: p.grid.get(g) for g in sweep.config.grid}, "would_reuse": reuse, "prune_run_id": prune_id, schema.TAG_SEARCH_POINT: p.key})
     table = markdown_table(pd.DataFrame(rows), drop=())
-    runs.log_text(f"# Search plan (dry run)\n\n{table}\n", "search_plan.md")
     dense = f" + {len(sweep.dense)} dense eval(s)" if sweep.dense else ""
-    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned\n{table}")
+    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned, no run created\n{table}")
 
 
 def run(sweep: Sweep) -> list[Outcome]:
@@ -766,9 +783,6 @@ def run(sweep: Sweep) -> list[Outcome]:
     import mlflow
     active = mlflow.active_run()
     experiment_id, search_id = active.info.experiment_id, active.info.run_id
-    if cfg.dry_run:
-        dry_run(sweep, experiment_id)
-        return []
     preflight(sweep)
     from tqdm.auto import tqdm
     order = sweep.ordered()
@@ -829,8 +843,28 @@ def _run_name(sweep: Sweep) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _is_dry(argv):
+        return dry_main(argv)
     return runs.entry_point(schema.STAGE_SEARCH, lambda: parse(argv), run, run_name=_run_name,
                             raw_params=raw_flags(argv))
+
+
+def _is_dry(argv: list[str] | None) -> bool:
+    try:
+        return bool(boolean(raw_flags(argv).get("dry_run", "false")))
+    except Exception:  # noqa: BLE001 - a bad value: the real parse reports it
+        return False
+
+
+def dry_main(argv: list[str] | None) -> int:
+    """``--dry_run true``: parse and list the points; the store is only read (no run, no experiment)."""
+    try:
+        sweep = parse(argv)
+        dry_run(sweep, runs.existing_experiment_id())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
