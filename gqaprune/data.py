@@ -356,26 +356,35 @@ def eval_stream(tokenizer, name: str, split: str = "validation",
 
 @dataclass(frozen=True)
 class RecordSource:
-    """A hub dataset of structured records: ``load()`` -> (raw records, where they came from)."""
+    """A hub dataset of structured records: ``load()`` -> (raw records, the DataCopy read)."""
     repo: str            # Hugging Face dataset id
     form: str            # instruction | qa
     split: str
     description: str
 
-    def load(self, name: str) -> tuple[list, str]:
-        """Raw records of ``split`` and a description of the source (logged); ``name`` is what the
-        user asked for (it names the dataset in errors)."""
-        if not hub_reachable():
+    @property
+    def ref(self) -> DatasetRef:
+        return DatasetRef(self.repo)
+
+    def load(self, name: str, data_dir: DataDir | None = None) -> tuple[list, DataCopy]:
+        """Raw records of ``split`` and where they came from: the data dir's copy when there is
+        one (``None``: ``DataDir.from_env()``), else the hub. ``name`` is what the user asked for
+        (it names the dataset in errors)."""
+        dd = data_dir or DataDir.from_env()
+        if dd.find(self.ref) is None and not hub_reachable():
+            if dd.root is not None:
+                raise dd.missing(self.ref)
             raise UserError(f"dataset '{name}' ({self.repo}) needs the Hugging Face hub, which is not "
                             "reachable (offline or HF_DATASETS_OFFLINE set)",
-                            "pass a local .json/.jsonl file in the same form, or run where the hub is reachable")
-        from datasets import load_dataset
-        try:
-            ds = load_dataset(self.repo, split=self.split)
-        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds
-            raise UserError(f"dataset '{self.repo}' could not be loaded: {str(exc).splitlines()[0][:200]}",
-                            "check the network or pass a local file") from exc
-        return list(ds), f"{self.repo} [{self.split}]"
+                            "pass a local .json/.jsonl file in the same form, fetch a local copy "
+                            "(python -m prune_entry.fetch_data --to DIR, then --data_dir DIR), "
+                            "or run where the hub is reachable")
+        return load_hub_records(self.repo, self.split, data_dir=dd)
+
+    def describe(self, copy: DataCopy) -> str:
+        """What the records are, for the log: ``repo [split]`` and the local copy if one was read."""
+        where = f" (local copy {copy.path}, sha256 {copy.sha256})" if copy.origin == "local" else ""
+        return f"{self.repo} [{self.split}]{where}"
 
 
 RECORD_SOURCES: Registry[RecordSource] = Registry("dataset")

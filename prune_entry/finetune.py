@@ -49,6 +49,7 @@ def parse(argv: list[str] | None) -> FinetuneConfig:
 def preflight(cfg: FinetuneConfig) -> None:
     """Checks that need no model, so bad flags fail before anything loads."""
     cfg.runtime.resolved()
+    cfg.local_data.resolve()   # a data_dir that is not a folder fails now
     if cfg.evaluation.eval_after:
         eval_config(cfg)   # the eval flags fail now, not after an hour of training
 
@@ -158,7 +159,7 @@ def load(cfg: FinetuneConfig) -> Loaded:
     source = resolve_source(cfg)
     runs.set_tags(source.tags)
     dataset = cfg.data.source(source.alias)
-    records = ft.load_records(dataset)
+    records = ft.load_records(dataset, cfg.local_data.resolve())
     device, dtype = cfg.runtime.resolved()
     seed_everything(cfg.training.seed)
     model, tokenizer = load_model_and_tokenizer(resolve_model(source.load_from, cfg.source.models_file),
@@ -172,7 +173,7 @@ def run(cfg: FinetuneConfig) -> dict:
     got = load(cfg)
     pad_id = got.tokenizer.pad_token_id
     fdata = ft.encode_records(got.tokenizer, got.records, cfg)
-    report.log_data(fdata, got.dataset)
+    report.log_data(fdata, got.dataset, got.records.copies)
     prep = ft.prepare(got.model, cfg)
     report.log_zero_pattern(prep.zeros)
     key = ft.config_key(trajectory_settings(cfg, got.source, got.dataset))

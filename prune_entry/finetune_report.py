@@ -17,12 +17,15 @@ from gqaprune import checkpoint
 from gqaprune import finetune as ft
 from gqaprune.arch import count_parameters
 from gqaprune.finetune import FinetuneConfig
+from prune_entry.report import log_data_sources
 from tracking import runs, schema
 
 PEFT_CONFIG_FILE, PEFT_BASE_KEY = "adapter_config.json", "base_model_name_or_path"
 
 
-def log_data(fdata: ft.FinetuneData, dataset: str) -> None:
+def log_data(fdata: ft.FinetuneData, dataset: str, copies: list) -> None:
+    """What the data became (params, tags, sizes, template, one example) and where it was read."""
+    log_data_sources(copies)
     runs.log_params({schema.P_FT_DATASET_RESOLVED: dataset, schema.P_FT_DATASET_SOURCE: fdata.source,
                      schema.P_FT_TEMPLATE_RESOLVED: fdata.template.name})
     runs.set_tags({schema.TAG_FT_FORM: fdata.form, schema.TAG_FT_TEMPLATE: fdata.template.name})

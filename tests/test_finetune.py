@@ -439,20 +439,22 @@ def test_trajectory_holds_exactly_the_settings_that_change_training():
 
 def test_record_sources_are_the_data_registry_and_load_records_uses_it(monkeypatch):
     from gqaprune import data
+    from gqaprune.datadir import DataCopy
     from gqaprune.registry import Registry
     assert {"alpaca", "alpaca-cleaned", "yahma/alpaca-cleaned", "squad"} <= set(data.RECORD_SOURCES)
     assert data.RECORD_SOURCES.get("alpaca").form == "instruction" and data.RECORD_SOURCES.get("squad").form == "qa"
     assert data.RECORD_SOURCES.get("alpaca") is data.RECORD_SOURCES.get("yahma/alpaca-cleaned")
 
     class Fixed(data.RecordSource):
-        def load(self, name):
-            return [{"context": "C", "question": "Q", "answers": {"text": ["A"]}}], f"{self.repo} [{self.split}]"
+        def load(self, name, data_dir=None):
+            return [{"context": "C", "question": "Q", "answers": {"text": ["A"]}}], DataCopy(self.ref, "hub")
     reg = Registry("dataset")
     reg.register("tiny-qa", Fixed("me/tiny-qa", "qa", "train", "one record"))
     monkeypatch.setattr(data, "RECORD_SOURCES", reg)
     out = ft.load_records("tiny-qa")
     assert (out.form, out.records, out.source) == ("qa", [{"context": "C", "question": "Q", "answer": "A"}],
                                                    "me/tiny-qa [train]")
+    assert [c.origin for c in out.copies] == ["hub"]
     with pytest.raises(UserError, match="use one of .*tiny-qa"):
         ft.load_records("no-such-set")
 
@@ -541,3 +543,31 @@ def test_kept_weights_hold_the_plain_merge_values_and_dense_models_merge_as_befo
     dense = ft.prepare(make_tiny_model("llama", 8, 2, layers=2), cfg)
     assert not dense.zeros.kept and dense.zeros.masks is None
     assert ft.finish(dense, fixed_data(random_examples(2, 8)), cfg, 0).mask.rezeroed == 0
+
+
+@pytest.fixture
+def offline_datasets(monkeypatch):
+    """``datasets`` reads the offline flags at import: set them in the imported modules too."""
+    import datasets.config as dcfg
+    import huggingface_hub.constants as hcfg
+    for mod, attr in ((dcfg, "HF_HUB_OFFLINE"), (dcfg, "HF_DATASETS_OFFLINE"), (hcfg, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(mod, attr, True)
+
+
+def test_record_sources_read_the_data_dirs_local_copy_offline(tmp_path, offline_datasets):
+    import local_copies as lc
+    from gqaprune.datadir import DataDir
+    lc.write_alpaca(tmp_path / "data")
+    lc.write_squad(tmp_path / "data")
+    dd = DataDir(tmp_path / "data", tmp_path / "hf_cache")
+    alpaca = ft.load_records("alpaca", dd)
+    assert alpaca.form == "instruction" and len(alpaca.records) == 10
+    assert alpaca.records[1] == {"instruction": "w8 w8", "input": "", "output": "w1 w5"}
+    assert alpaca.source.startswith("yahma/alpaca-cleaned [train] (local copy ") and "sha256" in alpaca.source
+    squad = ft.load_records("squad", dd)
+    assert squad.form == "qa" and (len(squad.records), squad.skipped) == (3, 3)   # 3 unanswerable
+    assert set(squad.records[0]) == {"context", "question", "answer"}
+    # a data dir without the copy, offline: the data dir's own message names the expected path
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no local copy of yahma/alpaca-cleaned at .*empty.*fetch_data"):
+        ft.load_records("alpaca", DataDir(tmp_path / "empty"))

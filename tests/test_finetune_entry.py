@@ -136,6 +136,7 @@ def test_from_prune_run_links_the_source_and_evaluates_as_child(tracking_store, 
     (["--eval_after", "true", "--eval_args", "--bogus 1"], "ok", "unrecognized"),
     (["--no_such_flag", "1"], "ok", "unrecognized"),
     (["--keep_mask", "maybe"], "ok", "unknown keep_mask 'maybe'"),
+    (["--data_dir", "/no/such/dir"], "ok", "is not a folder"),
 ])
 def test_bad_input_exits_2_and_fails_the_run(tracking_store, pruned_dir, alpaca_file, tmp_path, capsys,
                                             extra, dataset, match):
@@ -228,3 +229,20 @@ def test_sparse_model_keeps_its_zero_pattern_through_finetune_and_merge(
         assert tags[schema.TAG_FT_MASK_KEPT] == "false"
         assert m[schema.M_FT_MERGED_SPARSITY] < 0.01 and m[schema.M_FT_MASK_REZEROED] == 0
         assert schema.M_FT_VAL_LOSS_MERGED not in m
+
+
+def test_hub_dataset_from_a_local_copy_offline(tracking_store, pruned_dir, tmp_path, monkeypatch):
+    """dataset=alpaca on a machine without the hub: the data dir's copy (fetch_data's layout)."""
+    import datasets.config as dcfg
+    import local_copies as lc
+    monkeypatch.setattr(dcfg, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(dcfg, "HF_HUB_OFFLINE", True)
+    lc.write_alpaca(tmp_path / "data")
+    assert entry.main(args(pruned_dir, "alpaca", tmp_path / "ck", "--max_steps", "2", "--data_dir",
+                           str(tmp_path / "data"), "--cache_dir", str(tmp_path / "hf"))) == 0
+    run = last_run()
+    assert run.info.status == "FINISHED" and run.data.tags[schema.TAG_FT_FORM] == "instruction"
+    assert run.data.params[schema.P_FT_DATASET_SOURCE].startswith("yahma/alpaca-cleaned [train] (local copy")
+    assert (run.data.metrics["train_examples"], run.data.metrics["val_examples"]) == (9, 1)
+    where, sha = schema.data_params("yahma/alpaca-cleaned")
+    assert run.data.params[where] == str(tmp_path / "data" / "yahma" / "alpaca-cleaned") and len(run.data.params[sha]) == 16

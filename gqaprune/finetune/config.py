@@ -4,6 +4,7 @@
       source        model_uri, models_file
       runtime       dtype, device                        (gqaprune.loading.RuntimeConfig)
       data          dataset, template, seq_len, finetune_samples, val_fraction, train_on_prompt
+      local_data    data_dir, cache_dir                   (gqaprune.datadir.DataDirConfig)
       lora          lora_r, lora_alpha, lora_dropout, target_modules     (lora.LoraConfig)
       training      learning_rate, epochs, batch_size, gradient_accumulation, seed, max_steps,
                     warmup_ratio, weight_decay, max_grad_norm, checkpoint_every,
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gqaprune.config import Section, flat, knob, leaves
+from gqaprune.datadir import DataDirConfig
 from gqaprune.errors import UserError
 from gqaprune.finetune.lora import LoraConfig
 from gqaprune.finetune.masks import MaskConfig
@@ -103,6 +105,7 @@ class FinetuneConfig(Section):
     source: SourceConfig = field(default_factory=SourceConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    local_data: DataDirConfig = field(default_factory=DataDirConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpointing: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -113,7 +116,7 @@ class FinetuneConfig(Section):
     def trajectory(self) -> dict:
         """Leaf values that change what training computes (not where it runs, how it is logged or
         saved, nor the model / dataset, which the caller adds in their resolved form)."""
-        skip = {leaf.name for section in (SourceConfig, CheckpointConfig, MaskConfig, EvalAfterConfig,
-                                          OutputConfig) for leaf in leaves(section)}
+        skip = {leaf.name for section in (SourceConfig, DataDirConfig, CheckpointConfig, MaskConfig,
+                                          EvalAfterConfig, OutputConfig) for leaf in leaves(section)}
         skip |= {"dataset", "device", "checkpoint_every", "gradient_checkpointing", "progress"}
         return {k: v for k, v in flat(self).items() if k not in skip}

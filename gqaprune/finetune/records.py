@@ -12,10 +12,11 @@ record sources (``gqaprune.data.RECORD_SOURCES``), text sources from its text re
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gqaprune import data
+from gqaprune.datadir import DataCopy, DataDir
 from gqaprune.errors import UserError
 
 FORM_FIELDS = {"instruction": ("instruction", "output"), "qa": ("context", "question", "answers"),
@@ -32,6 +33,7 @@ class Records:
     records: list[dict]  # normalised: instruction/input/output, context/question/answer, or text
     source: str          # where they came from (logged)
     skipped: int = 0     # records without a usable target (empty text, unanswerable question)
+    copies: list[DataCopy] = field(default_factory=list)   # what was read (data dir copy, hub, file)
 
 
 def detect_form(rec, where: str) -> str:
@@ -90,8 +92,9 @@ def normalise(rec: dict, form: str, where: str) -> dict | None:
     return {"text": text} if text.strip() else None
 
 
-def records_of(raw: list, source: str) -> Records:
-    """Raw JSON records -> :class:`Records` of the form of the first record."""
+def records_of(raw: list, source: str, copies: list[DataCopy] = ()) -> Records:
+    """Raw JSON records -> :class:`Records` of the form of the first record (``copies``: where
+    they were read from, logged)."""
     if not raw:
         raise UserError(f"dataset '{source}' is empty", "pass a dataset with at least one record")
     form = detect_form(raw[0], f"record 1 of '{source}'")
@@ -105,7 +108,7 @@ def records_of(raw: list, source: str) -> Records:
     if not out:
         raise UserError(f"dataset '{source}' has no record with a non-empty target "
                         f"({skipped} empty)", "pass records with non-empty outputs / answers / text")
-    return Records(form, out, source, skipped)
+    return Records(form, out, source, skipped, list(copies))
 
 
 def _flatten_squad(raw: list) -> list:
@@ -151,8 +154,11 @@ def is_known(dataset: str) -> bool:
     return dataset in data.RECORD_SOURCES or dataset in data.SOURCES or Path(dataset).expanduser().is_file()
 
 
-def load_records(dataset: str) -> Records:
+def load_records(dataset: str, data_dir: DataDir | None = None) -> Records:
     """A dataset name or local file -> :class:`Records` (training part only).
+
+    Hub datasets (record and text sources) are read from ``data_dir``'s local copy when there is
+    one (None: ``DataDir.from_env()``, i.e. ``$GQAPRUNE_DATA_DIR``), else from the hub.
 
     Local files lose every 10th record (``data.split_local``): that slice is what
     ``data.eval_stream`` scores, so fine-tuning on a file never trains on its evaluation text.
@@ -160,16 +166,20 @@ def load_records(dataset: str) -> Records:
     (alpaca, squad) their registered split.
     """
     if dataset in data.RECORD_SOURCES:
-        raw, source = data.RECORD_SOURCES.get(dataset).load(dataset)
-        return records_of(raw, source)
+        src = data.RECORD_SOURCES.get(dataset)
+        raw, copy = src.load(dataset, data_dir)
+        return records_of(raw, src.describe(copy), [copy])
     if dataset in data.SOURCES:
-        texts = data.load_texts(dataset, "train")
-        return records_of([{"text": t} for t in texts], f"{dataset} [train]")
+        copies = data.check_source(dataset, "train", data_dir)      # fails at once offline
+        texts = data.load_texts(dataset, "train", data_dir=data_dir)
+        return records_of([{"text": t} for t in texts], f"{dataset} [train]", copies)
     if data.is_local(dataset):
         raw = read_local_records(dataset)
         if not raw:
             raise UserError(f"dataset '{dataset}' is empty", "pass a file with at least one record")
         kept = data.split_local(raw, "train")
-        return records_of(kept, f"{dataset} [train part: all but every 10th record]")
+        return records_of(kept, f"{dataset} [train part: all but every 10th record]",
+                          data.check_source(dataset, "train", data_dir))
     raise UserError(f"unknown dataset '{dataset}'",
                     f"use one of {', '.join(known_datasets())} or a path to a .json/.jsonl/.txt file")
+
