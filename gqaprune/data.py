@@ -395,3 +395,50 @@ def eval_stream(tokenizer, name: str, split: str = "validation",
         texts = split_local(texts, "train" if split == "train" else "validation")
     ids = tokenizer("\n".join(texts), add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
+
+
+# ---- structured record sources (fine-tuning data) ------------------------------------------------
+# Beside the text SOURCES: hub datasets whose records have a fixed *form* (instruction: Alpaca's
+# instruction / input / output; qa: SQuAD's context / question / answers). ``gqaprune.finetune``
+# checks and normalises the records; a source only fetches them.
+
+@dataclass(frozen=True)
+class RecordSource:
+    """A hub dataset of structured records: ``load()`` -> (raw records, the DataCopy read)."""
+    repo: str            # Hugging Face dataset id
+    form: str            # instruction | qa
+    split: str
+    description: str
+
+    @property
+    def ref(self) -> DatasetRef:
+        return DatasetRef(self.repo)
+
+    def load(self, name: str, data_dir: DataDir | None = None) -> tuple[list, DataCopy]:
+        """Raw records of ``split`` and where they came from: the data dir's copy when there is
+        one (``None``: ``DataDir.from_env()``), else the hub. ``name`` is what the user asked for
+        (it names the dataset in errors)."""
+        dd = data_dir or DataDir.from_env()
+        if dd.find(self.ref) is None and not hub_reachable():
+            if dd.root is not None:
+                raise dd.missing(self.ref)
+            raise UserError(f"dataset '{name}' ({self.repo}) needs the Hugging Face hub, which is not "
+                            "reachable (offline or HF_DATASETS_OFFLINE set)",
+                            "pass a local .json/.jsonl file in the same form, fetch a local copy "
+                            "(python -m prune_entry.fetch_data --to DIR, then --data_dir DIR), "
+                            "or run where the hub is reachable")
+        return load_hub_records(self.repo, self.split, data_dir=dd)
+
+    def describe(self, copy: DataCopy) -> str:
+        """What the records are, for the log: ``repo [split]`` and the local copy if one was read."""
+        where = f" (local copy {copy.path}, sha256 {copy.sha256})" if copy.origin == "local" else ""
+        return f"{self.repo} [{self.split}]{where}"
+
+
+RECORD_SOURCES: Registry[RecordSource] = Registry("dataset")
+_ALPACA = RecordSource("yahma/alpaca-cleaned", "instruction", "train",
+                       "Alpaca-cleaned: 52k instruction / input / output records")
+for _name in ("alpaca", "alpaca-cleaned", "yahma/alpaca-cleaned"):
+    RECORD_SOURCES.register(_name, _ALPACA)
+RECORD_SOURCES.register("squad", RecordSource("rajpurkar/squad", "qa", "train",
+                                              "SQuAD v1.1: context / question / answers"))

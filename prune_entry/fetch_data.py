@@ -11,7 +11,7 @@ Run it where there is internet (a login node), then copy the folder to the clust
 What is fetched follows the definitions that read it: lm-eval's own task configs
 (``dataset_path`` / ``dataset_name``, or a Python task's ``DATASET_PATH``), the data registry's
 hub sources (``gqaprune.data.source_refs``) and the fine-tuning datasets
-(``gqaprune.finetune.HUB_DATASETS``). Each dataset is written the way ``gqaprune.datadir``
+(``gqaprune.data.RECORD_SOURCES``). Each dataset is written the way ``gqaprune.datadir``
 reads it, laid out by hub id:
 
 * ``save_to_disk``: ``datasets.load_dataset(repo, config)`` — the very call lm-eval / the
@@ -136,13 +136,12 @@ def _source_items(kind: str, names: list[str]) -> list[tuple[DatasetRef, str]]:
 
 
 def _finetune_items(names: list[str]) -> list[tuple[DatasetRef, str]]:
-    from gqaprune.finetune import HUB_DATASETS
     out = []
     for name in names:
-        if name not in HUB_DATASETS:
+        if name not in data.RECORD_SOURCES:
             raise UserError(f"'{name}' is not a hub fine-tuning dataset",
-                            f"use {', '.join(sorted(HUB_DATASETS))}")
-        out.append((DatasetRef(HUB_DATASETS[name][0]), f"finetune {name}"))
+                            f"use {', '.join(sorted(data.RECORD_SOURCES))}")
+        out.append((data.RECORD_SOURCES.get(name).ref, f"finetune {name}"))
     return out
 
 
