@@ -184,14 +184,23 @@ def test_end_orphans_kills_running_runs_of_the_point(store):
 
 # ---------------------------------------------------------------------------- concurrency
 
-def _contender(index, exp_id, keys, work_dir, barrier, die_at):
-    """Run every point that is not done yet, claiming each first; revisit busy ones."""
+def _contender(index, exp_id, keys, work_dir, barrier, race_exp):
+    """Race for one point of a fresh experiment (no registry yet: each may create one), then run
+    every point that is not done yet, claiming each first; revisit busy ones."""
     settings = ClaimSettings(exp_id, heartbeat_s=0.5, stale_after_s=60.0)
     rng = random.Random(index)
     todo = list(keys)
     rng.shuffle(todo)
     barrier.wait()
-    claimed = 0
+    try:
+        first = claims.claim(ClaimSettings(race_exp, heartbeat_s=0.5), "race")
+        Path(work_dir, f"race-won-{index}").touch()
+        deadline = time.monotonic() + 60    # hold it until the others have tried
+        while len(list(Path(work_dir).glob("race-*"))) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first.release()
+    except PointBusy:
+        Path(work_dir, f"race-busy-{index}").touch()
     while todo:
         key = todo.pop(0)
         done = Path(work_dir, "done", key)
@@ -203,9 +212,6 @@ def _contender(index, exp_id, keys, work_dir, barrier, die_at):
             todo.append(key)
             time.sleep(0.05)
             continue
-        claimed += 1
-        if claimed == die_at:       # a worker that dies holding a claim
-            os._exit(3)
         if not done.exists():       # resume check under the claim, as search does
             with open(Path(work_dir, "runs.log"), "a") as log:
                 log.write(json.dumps({"key": key, "pid": os.getpid(), "gen": held.gen}) + "\n")
@@ -214,24 +220,30 @@ def _contender(index, exp_id, keys, work_dir, barrier, die_at):
         held.release()
 
 
+def _die_holding(exp_id, key):
+    """A worker that dies while it holds a claim."""
+    claims.claim(ClaimSettings(exp_id, heartbeat_s=0.5, stale_after_s=60.0), key)
+    os._exit(3)
+
+
 def test_concurrent_contenders_never_run_a_point_twice(store, tmp_path):
     keys = [f"point{i:02d}" for i in range(12)]
     (tmp_path / "done").mkdir()
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(3)
-    die = {0: 3}                    # contender 0 exits abruptly at its 3rd claim
-    procs = [ctx.Process(target=_contender, args=(i, store, keys, str(tmp_path), barrier, die.get(i, 0)))
-             for i in range(3)]
+    dier = ctx.Process(target=_die_holding, args=(store, keys[0]))
+    dier.start()
+    dier.join(timeout=60)
+    assert dier.exitcode == 3
+    barrier = ctx.Barrier(3)        # three contenders start together (racing for the registry too)
+    race = MlflowClient().create_experiment(f"race-{tmp_path.name}")
+    procs = [ctx.Process(target=_contender, args=(i, store, keys, str(tmp_path), barrier, race)) for i in range(3)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=150)
-    assert [p.exitcode for p in procs] == [3, 0, 0]
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(list(tmp_path.glob("race-won-*"))) == 1 and len(list(tmp_path.glob("race-busy-*"))) == 2
     lines = [json.loads(x) for x in (tmp_path / "runs.log").read_text().splitlines()]
-    ran = [x["key"] for x in lines]
-    assert sorted(ran) == keys, "every point ran exactly once"
+    assert sorted(x["key"] for x in lines) == keys, "every point ran exactly once"
     assert len({x["pid"] for x in lines}) >= 2, "the work was shared"
-    state = claims.point_state(claims.list_registries(MlflowClient(), store), keys[0])
-    assert state.gens                      # the claims are in the store
-    taken = [x for x in lines if x["gen"] > 0 and x["pid"] != procs[0].pid]
-    assert taken, "the point of the dead contender was taken over"
+    assert [x["gen"] for x in lines if x["key"] == keys[0]] == [1], "the dead holder's point was taken over"
