@@ -89,7 +89,8 @@ class Progress:
     waiting: int            # claimed by another worker / sweep, asked again later
     retried: int            # failed attempts that were tried again
 
-    def metrics(self, prefix: str = "search_") -> dict[str, float]:
+    def metrics(self, prefix: str = "search/live_") -> dict[str, float]:
+        """The counts as metrics for the search run (``search/live_completed`` ...)."""
         return {f"{prefix}{k}": float(v) for k, v in
                 (("completed", self.completed), ("failed", self.failed), ("running", self.running),
                  ("waiting", self.waiting), ("retried", self.retried))}

@@ -81,7 +81,7 @@ def test_local_runs_in_order_and_retries_failures(markers):
     assert results[2].error == "RuntimeError: boom c" and results[2].value is None
     assert [r.point.key for r in seen] == ["a", "b", "c"]
     assert progress[-1] == Progress(3, 2, 1, 0, 0, 3)
-    assert progress[-1].metrics()["search_completed"] == 2.0
+    assert progress[-1].metrics()["search/live_completed"] == 2.0
 
 
 def test_value_with_ok_false_is_a_failed_point_and_keeps_its_value(markers):

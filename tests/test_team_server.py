@@ -304,7 +304,7 @@ def test_team_sweep_survives_server_restart_and_a_killed_worker(team, tmp_path):
         assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], "no RUNNING run"
         assert any(r.info.status == "KILLED" and r.data.tags["search_point"] == killed_key for r in children)
         searches = [r for r in runs if r.data.tags.get("stage") == "search"]
-        assert len(searches) == 2 and all("search_completed" in r.data.metrics for r in searches)
+        assert len(searches) == 2 and all(r.data.metrics.get("search/live_completed") == N_POINTS for r in searches)
         secrets_ = {team.admin[1], team.worker[1], team.reader[1]}
         for r in runs:
             values = set(r.data.params.values()) | set(r.data.tags.values())
