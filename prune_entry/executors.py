@@ -131,6 +131,8 @@ def attempt(point: Any, work: Callable[[Any], Any], claim: ClaimSettings | None)
             held = claims.claim(claim, point.key)
         except PointBusy as exc:
             return Attempt("busy", error=str(exc), worker=worker)
+        except Exception as exc:  # noqa: BLE001 - the store unreachable: a failed attempt, retried
+            return Attempt("failed", error=f"could not claim the point: {_one_line(exc)}", worker=worker)
     status, value, error = "failed", None, ""
     try:
         value = work(point)
@@ -188,10 +190,14 @@ def _drive(backend: _Backend, settings: ExecutorSettings, points: Sequence[Any],
             for item in [d for d in deferred if d[0] <= now]:
                 deferred.remove(item)
                 ready.append(item[1])
+            submitted = False
             while ready and not stopping and len(in_flight) < backend.capacity():
                 i = ready.popleft()
                 in_flight.add(i)
                 backend.submit(i, points[i])
+                submitted = True
+            if submitted:
+                progress()
             if stopping and not in_flight:
                 break
             if not in_flight:
@@ -226,18 +232,20 @@ def _drive(backend: _Backend, settings: ExecutorSettings, points: Sequence[Any],
 # ---------------------------------------------------------------------------- local
 
 class _LocalBackend:
+    """One point at a time: ``submit`` queues it, ``wait`` runs it (so progress shows it running)."""
+
     def __init__(self, work, claim):
-        self.work, self.claim, self.done = work, claim, []
+        self.work, self.claim, self.queued = work, claim, []
 
     def capacity(self) -> int:
         return 1
 
     def submit(self, index, point) -> None:
-        self.done.append((index, attempt(point, self.work, self.claim)))
+        self.queued.append((index, point))
 
     def wait(self, timeout):
-        out, self.done = self.done, []
-        return out
+        out, self.queued = self.queued, []
+        return [(index, attempt(point, self.work, self.claim)) for index, point in out]
 
     def cancel(self) -> None:
         pass
@@ -319,10 +327,16 @@ class _RayBackend:
             index = self.refs.pop(ref)
             try:
                 out.append((index, self.ray.get(ref)))
-            except self.ray.exceptions.RayError as exc:   # the worker died, not the point's code
-                out.append((index, Attempt("died", error=f"worker died ({type(exc).__name__}: "
-                                                          f"{(str(exc).strip().splitlines() or [''])[0][:200]})")))
+            except self.ray.exceptions.RayError as exc:   # not the point's code: attempt() catches that
+                out.append((index, Attempt("died", error=self._why(exc))))
         return out
+
+    def _why(self, exc) -> str:
+        died = tuple(getattr(self.ray.exceptions, n) for n in ("WorkerCrashedError", "NodeDiedError",
+                                                                "OutOfMemoryError", "LocalRayletDiedError")
+                     if hasattr(self.ray.exceptions, n))
+        what = "worker died" if isinstance(exc, died) else "Ray could not run the task"
+        return f"{what} ({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})"
 
     def cancel(self) -> None:
         for ref in list(self.refs):

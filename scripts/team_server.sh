@@ -5,6 +5,7 @@
 #   scripts/team_server.sh start  [--dir DIR] [--port 5000] [--pg-port 5433] [--pg-data DIR]
 #                                 [--host ADDR] [--allowed-hosts H1,H2] [--workers 2]
 #                                 [--credentials FILE] [--default-permission READ] [--throwaway]
+#                                 [--only mlflow]   # (re)start only the MLflow server
 #   scripts/team_server.sh status [--dir DIR]
 #   scripts/team_server.sh stop   [--dir DIR] [--only mlflow] [--purge]
 #   scripts/team_server.sh env    [--dir DIR]        # prints the client's `export ...` lines (no secret)
@@ -24,6 +25,9 @@
 #      --serve-artifacts --artifacts-destination DIR/artifacts --host 127.0.0.1 --port PORT`
 #      in its own process group (pid in DIR/mlflow.pid; log DIR/mlflow.log). Clients upload and
 #      download artifacts through the server (mlflow-artifacts:/), so workers need no shared disk.
+#      MLflow's GenAI job runner is off (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true turns it on);
+#      checked passwords are cached 60 s per server worker (GQAPRUNE_AUTH_CACHE_TTL; 0 = off,
+#      which costs a PBKDF2 hash per request: measured 0.44 s vs 0.02 s per request here).
 #      --host with a non-loopback address binds there and prints a warning: anyone who can reach
 #      the port can then try passwords; put TLS (a reverse proxy) in front and set --allowed-hosts.
 #   3. Authentication (MLflow's basic-auth app; config DIR/basic_auth.ini, mode 600): the admin

@@ -27,9 +27,13 @@ def _db(tmp_path_factory):
 def store(_db, tmp_path, monkeypatch):
     """A private sqlite store (one per module: creating one takes seconds) and a fresh
     experiment; returns its id."""
+    import mlflow
     monkeypatch.setenv("MLFLOW_TRACKING_URI", _db)
-    return MlflowClient(_db).create_experiment(f"sweep-{tmp_path.name}",
-                                               artifact_location=(tmp_path / "art").as_uri())
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(_db)            # MlflowClient() below: other tests set the global
+    yield MlflowClient(_db).create_experiment(f"sweep-{tmp_path.name}",
+                                              artifact_location=(tmp_path / "art").as_uri())
+    mlflow.set_tracking_uri(before)
 
 
 def _settings(exp_id, **kw):

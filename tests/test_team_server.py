@@ -109,8 +109,10 @@ def sweep_main(argv: list[str]) -> int:
     results = make_executor(settings, ClaimSettings(exp_id, heartbeat_s=2.0, stale_after_s=60.0)).run(
         points, work, on_progress=metrics)
     client.set_terminated(search.info.run_id, "FINISHED" if all(r.ok for r in results) else "FAILED")
-    print(json.dumps([{"key": r.point.key, "status": r.status, "attempts": r.attempts, "error": r.error,
-                       "outcome": getattr(r.value, "status", None)} for r in results]))
+    import ray
+    print(json.dumps({"ray_stopped": not ray.is_initialized(), "results": [
+        {"key": r.point.key, "status": r.status, "attempts": r.attempts, "error": r.error,
+         "outcome": getattr(r.value, "status", None)} for r in results]}))
     return 0
 
 
@@ -246,7 +248,9 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> list[dict]:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"sweep timed out; log:\n{log.read_text()[-3000:]}")
     assert proc.returncode == 0, log.read_text()[-3000:]
-    return json.loads(out.strip().splitlines()[-1])
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["ray_stopped"], "the sweep's local Ray instance was shut down"
+    return report["results"]
 
 
 # ---------------------------------------------------------------------------- the test
@@ -303,6 +307,9 @@ def test_team_sweep_survives_server_restart_and_a_killed_worker(team, tmp_path):
         assert all(len(client.get_metric_history(v[0].info.run_id, "loss")) >= 3 for v in finished.values())
         assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], "no RUNNING run"
         assert any(r.info.status == "KILLED" and r.data.tags["search_point"] == killed_key for r in children)
+        from tracking import claims
+        state = claims.point_state(claims.list_registries(client, exp.experiment_id), killed_key)
+        assert state.latest >= 1, "the dead worker's claim was taken over"
         searches = [r for r in runs if r.data.tags.get("stage") == "search"]
         assert len(searches) == 2 and all(r.data.metrics.get("search/live_completed") == N_POINTS for r in searches)
         secrets_ = {team.admin[1], team.worker[1], team.reader[1]}
