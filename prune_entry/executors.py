@@ -284,6 +284,9 @@ def _loopback_only() -> None:
 def worker_env() -> dict[str, str]:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     env["MLFLOW_TRACKING_URI"] = tracking_uri()   # absolute sqlite default, or the server
+    # `mlflow run` sets MLFLOW_RUN_ID for the search run; a worker inheriting it would resume that
+    # run as its own active run (and end it). Workers start their children with parent_run_id.
+    env["MLFLOW_RUN_ID"] = ""
     return env
 
 

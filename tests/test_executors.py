@@ -130,8 +130,10 @@ def test_ray_missing_names_the_install_command(monkeypatch):
 
 def test_worker_env_forwards_the_store_but_no_credentials(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0" * 32)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "secret-secret")
     env = executors.worker_env()
     assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5999"
     assert "secret-secret" not in env.values() and "MLFLOW_TRACKING_PASSWORD" not in env
+    assert env["MLFLOW_RUN_ID"] == ""                   # workers never resume the search run
