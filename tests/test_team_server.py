@@ -81,11 +81,13 @@ def toy_point(experiment_id: str, search_id: str, state_dir: str, step_s: float,
 
 
 def sweep_main(argv: list[str]) -> int:
-    """Driver: one search run, N points on a local Ray instance (2 CPUs), results as JSON."""
+    """Driver: one search run, N points on a local Ray instance (2 CPUs) or the local executor,
+    results as JSON."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--state", required=True)
     ap.add_argument("--max_retries", type=int, default=1)
     ap.add_argument("--step_s", type=float, default=1.0)
+    ap.add_argument("--executor", default="ray")
     args = ap.parse_args(argv)
     from mlflow.tracking import MlflowClient
 
@@ -104,7 +106,7 @@ def sweep_main(argv: list[str]) -> int:
                 for k, v in p.metrics().items()])
         except Exception as exc:  # noqa: BLE001
             print(f"progress metrics not logged ({type(exc).__name__})", file=sys.stderr)
-    settings = ExecutorSettings(executor="ray", num_cpus=2, cpus_per_point=1, gpus_per_point=0,
+    settings = ExecutorSettings(executor=args.executor, num_cpus=2, cpus_per_point=1, gpus_per_point=0,
                                 max_retries=args.max_retries, busy_poll_s=2.0)
     results = make_executor(settings, ClaimSettings(exp_id, heartbeat_s=2.0, stale_after_s=60.0)).run(
         points, work, on_progress=metrics)
@@ -235,8 +237,9 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None)
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _sweep(team: Team, state: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(Path(__file__)), "sweep", "--state", str(state)],
+def _sweep(team: Team, state: Path, log: Path, executor: str = "ray") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__)), "sweep", "--state", str(state),
+                             "--executor", executor],
                             env=team.client_env(team.worker), cwd=str(REPO), stdout=subprocess.PIPE,
                             stderr=log.open("w"), text=True, start_new_session=True)
 
@@ -284,8 +287,9 @@ def test_team_sweep_survives_server_restart_and_a_killed_worker(team, tmp_path):
     assert all(r["status"] == "ok" for r in first), first
     assert {r["key"]: r["attempts"] for r in first}[killed_key] == 2, "the dead worker's point was redone"
 
-    # Sweep 2 (resume): every point is reused, nothing runs again.
-    proc = _sweep(team, state, tmp_path / "sweep2.log")
+    # Sweep 2 (resume, on the local executor: the store decides, not the executor): every point
+    # is reused, nothing runs again.
+    proc = _sweep(team, state, tmp_path / "sweep2.log", executor="local")
     second = _finish(proc, tmp_path / "sweep2.log", 150)
     assert [(r["status"], r["outcome"]) for r in second] == [("ok", "reused")] * N_POINTS
 
