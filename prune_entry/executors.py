@@ -8,7 +8,8 @@ One interface for both::
 
 ``work(point)`` is a picklable top-level function (or ``functools.partial`` of one) that runs one
 point and returns a value; the point *failed* when it raises or when the value has ``ok ==
-False`` (search's ``Outcome``). Before ``work`` runs, the executor claims the point in the
+False`` (search's ``Outcome``; its ``error`` is reported, and ``retryable == False`` on it means
+do not try again, e.g. for a bad setting). Before ``work`` runs, the executor claims the point in the
 tracking store (``tracking.claims``, key ``point.key``) so no two workers or sweeps run it at
 once; ``claims.current()`` inside ``work`` is that claim (``end_orphans`` ends runs left RUNNING
 by a worker that died). A point claimed by a live worker elsewhere is tried again every
@@ -104,6 +105,7 @@ class Attempt:
     error: str = ""
     worker: str = ""
     time_s: float = 0.0
+    retryable: bool = True  # False: the value said so (e.g. a bad setting: trying again cannot help)
 
 
 class Executor(Protocol):
@@ -133,19 +135,20 @@ def attempt(point: Any, work: Callable[[Any], Any], claim: ClaimSettings | None)
             return Attempt("busy", error=str(exc), worker=worker)
         except Exception as exc:  # noqa: BLE001 - the store unreachable: a failed attempt, retried
             return Attempt("failed", error=f"could not claim the point: {_one_line(exc)}", worker=worker)
-    status, value, error = "failed", None, ""
+    status, value, error, retryable = "failed", None, "", True
     try:
         value = work(point)
         ok = getattr(value, "ok", True)
         status = "ok" if ok else "failed"
         error = "" if ok else str(getattr(value, "error", "") or "failed")
+        retryable = bool(getattr(value, "retryable", True))
     except Exception as exc:  # noqa: BLE001 - one point's failure is reported, not raised
         error = _one_line(exc)
         traceback.print_exc()
     finally:
         if held is not None:
             held.release(claims.END_DONE if status == "ok" else claims.END_FAILED)
-    return Attempt(status, value, error, worker, time.perf_counter() - t0)
+    return Attempt(status, value, error, worker, time.perf_counter() - t0, retryable)
 
 
 # ---------------------------------------------------------------------------- scheduling
@@ -211,7 +214,7 @@ def _drive(backend: _Backend, settings: ExecutorSettings, points: Sequence[Any],
                 attempts[i] += 1
                 if att.status == "ok":
                     finish(i, PointResult(points[i], "ok", att.value, "", attempts[i], att.worker, att.time_s))
-                elif attempts[i] <= settings.max_retries and not stopping:
+                elif attempts[i] <= settings.max_retries and att.retryable and not stopping:
                     counts["retried"] += 1
                     bar.write(f"retrying point {getattr(points[i], 'key', i)} "
                               f"({attempts[i]}/{settings.max_retries}): {att.error}")

@@ -33,6 +33,7 @@ class Out:
     key: str
     ok: bool
     error: str = ""
+    retryable: bool = True
 
 
 def _attempt_no(p: P) -> int:
@@ -83,6 +84,17 @@ def test_value_with_ok_false_is_a_failed_point_and_keeps_its_value(markers):
     (r,) = LocalExecutor(ExecutorSettings(max_retries=1)).run([P("a", 0, markers)], soft_fail)
     assert (r.status, r.attempts, r.error) == ("failed", 2, "bad point")
     assert r.value == Out("a", False, "bad point")
+
+
+def final_fail(p: P) -> Out:
+    _attempt_no(p)
+    return Out(p.key, False, "ratio too high", retryable=False)
+
+
+def test_a_value_that_is_not_retryable_is_not_tried_again(markers):
+    (r,) = LocalExecutor(ExecutorSettings(max_retries=3)).run([P("a", 0, markers)], final_fail)
+    assert (r.status, r.attempts, r.error) == ("failed", 1, "ratio too high")
+    assert len(list(Path(markers).iterdir())) == 1
 
 
 def test_on_done_true_stops_the_sweep(markers):
