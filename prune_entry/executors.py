@@ -43,7 +43,7 @@ from typing import Any, Callable, Protocol, Sequence
 from gqaprune.errors import UserError
 from tracking import claims
 from tracking.claims import ClaimSettings, PointBusy
-from tracking.runs import tracking_uri
+from tracking.connect import tracking_uri
 
 EXECUTORS = ("local", "ray")
 INSTALL_HINT = "pip install -e .[distributed]"

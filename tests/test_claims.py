@@ -172,7 +172,7 @@ def test_lost_write_on_a_second_registry_withdraws(store, monkeypatch):
     assert [state.ended.get(t) for t in mine] == ["withdrawn"]
 
 
-def test_end_orphans_kills_running_runs_of_the_point(store):
+def test_end_orphans_closes_running_runs_of_the_point_as_killed(store):
     client = MlflowClient()
     orphan = client.create_run(store, tags={"search_point": "p"})
     done = client.create_run(store, tags={"search_point": "p"})
@@ -180,8 +180,9 @@ def test_end_orphans_kills_running_runs_of_the_point(store):
     other = client.create_run(store, tags={"search_point": "q"})
     with claims.claim(_settings(store), "p") as held:
         assert held.end_orphans({"search_point": "p"}) == [orphan.info.run_id]
-    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
-    assert "taken over" in client.get_run(orphan.info.run_id).data.tags["failure_reason"]
+    closed = client.get_run(orphan.info.run_id)
+    assert closed.info.status == "FAILED" and closed.data.tags["failure_reason"] == "killed"
+    assert "point p claimed by" in closed.data.tags["liveness/closed_by"]
     assert client.get_run(done.info.run_id).info.status == "FINISHED"
     assert client.get_run(other.info.run_id).info.status == "RUNNING"
 

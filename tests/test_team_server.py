@@ -310,7 +310,8 @@ def test_team_sweep_survives_server_restart_and_a_killed_worker(team, tmp_path):
         assert all(set(METRICS) <= set(v[0].data.metrics) for v in finished.values())
         assert all(len(client.get_metric_history(v[0].info.run_id, "loss")) >= 3 for v in finished.values())
         assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], "no RUNNING run"
-        assert any(r.info.status == "KILLED" and r.data.tags["search_point"] == killed_key for r in children)
+        assert any(r.info.status == "FAILED" and r.data.tags.get("failure_reason") == "killed"
+                   and r.data.tags["search_point"] == killed_key for r in children), "the orphan was closed"
         from tracking import claims
         state = claims.point_state(claims.list_registries(client, exp.experiment_id), killed_key)
         assert state.latest >= 1, "the dead worker's claim was taken over"

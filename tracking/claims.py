@@ -22,7 +22,8 @@ Protocol (``claim``):
   owner of the latest generation holds the point while it is *live*: not ended (tag
   ``end/<token>``, set at release) and not gone. *Gone*: on the same host (hostname + boot id)
   its pid is dead or belongs to another process; on any host its heartbeat (tag ``hb/<token>``,
-  refreshed every ``heartbeat_s`` by a thread) is older than ``stale_after_s``, and still
+  refreshed every ``heartbeat_s`` by a thread) is older than ``stale_after_s`` (default: the
+  runs' rule, ``GQAPRUNE_STALE_AFTER_S``, 300 s), and still
   unchanged when read again ``grace_s`` later (a server outage delays heartbeats; the second
   read after the owner's back-off lets a live owner speak). Staleness compares clocks of
   different machines: keep them synchronised (NTP) well within ``stale_after_s``.
@@ -31,7 +32,7 @@ Protocol (``claim``):
   write withdraws (``end/<token> = withdrawn``) and reads the state again.
 
 The holder of a claim is the only process running the point, so runs of that point still
-RUNNING are orphans of a gone worker: :meth:`Claim.end_orphans` ends them KILLED.
+RUNNING are orphans of a gone worker: :meth:`Claim.end_orphans` ends them FAILED ``killed``.
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tracking import schema
-from tracking.runs import tracking_uri
+from tracking import liveness, retry, schema
+from tracking.connect import tracking_uri
 
 STAGE_CLAIMS = "claims"                 # TAG_STAGE of the registry runs (analysis ignores it)
 TAG_REGISTRY = "claims_registry"        # "true" on registry runs
@@ -65,12 +66,18 @@ _current: contextvars.ContextVar["Claim | None"] = contextvars.ContextVar("gqapr
 class ClaimSettings:
     experiment_id: str              # the sweep's experiment: registries and point runs live there
     heartbeat_s: float = 10.0       # how often a holder refreshes its heartbeat
-    stale_after_s: float = 120.0    # a heartbeat older than this marks the holder gone
-    grace_s: float | None = None    # second look before a takeover (default 2 x heartbeat_s)
+    stale_after_s: float | None = None  # heartbeat older than this: holder gone (None: the runs'
+    #                                     rule, GQAPRUNE_STALE_AFTER_S, default 300 s)
+    grace_s: float | None = None    # second look before a takeover (default 2 x heartbeat_s; longer
+    #                                 than the store retries' longest back-off, 15 s)
 
     @property
     def grace(self) -> float:
         return 2 * self.heartbeat_s if self.grace_s is None else self.grace_s
+
+    @property
+    def stale(self) -> float:
+        return liveness.stale_after_s() if self.stale_after_s is None else self.stale_after_s
 
 
 @dataclass(frozen=True)
@@ -170,23 +177,10 @@ def pid_gone(owner: Owner) -> bool:
 
 # ---------------------------------------------------------------------------- store access
 
-def _locked(exc: Exception) -> bool:
-    return "database is locked" in str(exc) or "database table is locked" in str(exc)
-
-
-def _retry(call: Callable, tries: int = 30):
-    """SQLite allows one writer at a time: back off on 'database is locked' (server stores and
-    network errors are retried by MLflow's own client)."""
-    for i in range(tries):
-        try:
-            return call()
-        except MlflowException as exc:
-            if not _locked(exc) or i == tries - 1:
-                raise
-        except Exception as exc:  # noqa: BLE001 - sqlalchemy's OperationalError
-            if not _locked(exc) or i == tries - 1:
-                raise
-        time.sleep(min(1.0, 0.02 * 2 ** i) * (0.5 + (hash((os.getpid(), i)) % 100) / 100))
+def _retry(call: Callable, what: str = "claiming a sweep point"):
+    """The store's own retry rule (tracking.retry): back-off on a locked SQLite file or a server
+    that went away, within a bounded budget; other errors at once."""
+    return retry.call(call, tracking_uri(), what)
 
 
 def _client() -> MlflowClient:
@@ -310,7 +304,7 @@ class Claim:
             _set_tag_on(_client(), self.registries, f"end/{self.owner.token}", end)
         except Exception as exc:  # noqa: BLE001 - the heartbeat stops, so it goes stale and is taken over
             print(f"claims: could not release point {self.key} ({type(exc).__name__}: "
-                  f"{str(exc).splitlines()[0][:200]}); it is taken over after {self.settings.stale_after_s:g}s",
+                  f"{str(exc).splitlines()[0][:200]}); it is taken over after {self.settings.stale:g}s",
                   file=sys.stderr)
         if self._token is not None:
             try:
@@ -320,16 +314,19 @@ class Claim:
             self._token = None
 
     def end_orphans(self, tags: dict[str, str], reason: str = "") -> list[str]:
-        """End as KILLED every RUNNING run of this point (carrying all ``tags``): the claim proves
-        that no live worker is running them. Returns their ids."""
+        """End every RUNNING run of this point (carrying all ``tags``) FAILED with
+        ``failure_reason = killed``: the claim proves that no live worker is running them (also
+        runs without liveness tags, which ``runs.close_stale_runs`` leaves alone). Their ids."""
         client = _client()
         filt = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'RUNNING'"])
         runs = _retry(lambda: client.search_runs([self.settings.experiment_id], filter_string=filt,
                                                  max_results=1000))
-        why = reason or f"worker gone; point taken over by {self.owner.describe()}"
-        for run in runs:
-            _retry(lambda: client.set_tag(run.info.run_id, schema.TAG_FAILURE, why))
-            _retry(lambda: client.set_terminated(run.info.run_id, "KILLED"))
+        why = reason or (f"its worker is gone: point {self.key} claimed by {self.owner.describe()} at "
+                         f"{time.ctime()}")
+        for run in runs:   # the same marks as tracking.runs.close_stale_runs: FAILED, reason "killed"
+            _retry(lambda r=run: client.set_tag(r.info.run_id, schema.TAG_FAILURE, schema.REASON_KILLED))
+            _retry(lambda r=run: client.set_tag(r.info.run_id, schema.TAG_CLOSED_BY, why[:5000]))
+            _retry(lambda r=run: client.set_terminated(r.info.run_id, "FAILED"))
         return [r.info.run_id for r in runs]
 
     def __enter__(self) -> "Claim":
@@ -348,7 +345,7 @@ def _gone(client: MlflowClient, settings: ClaimSettings, key: str, owner: Owner,
           sleep: Callable[[float], None]) -> bool:
     if pid_gone(owner):
         return True
-    if time.time() - state.last_sign(owner) <= settings.stale_after_s:
+    if time.time() - state.last_sign(owner) <= settings.stale:
         return False
     sleep(settings.grace)       # stale by the clock: look again before taking over
     again = point_state(list_registries(client, settings.experiment_id), key)
