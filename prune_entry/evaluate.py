@@ -276,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_child(model_uri: str, config: EvalConfig | None = None, extra_tags: Mapping[str, str] | None = None,
-              overrides: Mapping[str, object] | None = None) -> str:
-    """Evaluate ``model_uri`` as a nested child run of the active MLflow run; return its run id.
+              overrides: Mapping[str, object] | None = None, parent_run_id: str | None = None) -> str:
+    """Evaluate ``model_uri`` as a nested child run of the active MLflow run (or of
+    ``parent_run_id`` when there is none, as in a Ray worker); return its run id.
 
     ``config``: the eval settings (default: the defaults); ``overrides``: leaf values as text or
     typed (e.g. ``{"tasks": "none"}``), parsed inside the child so that bad ones mark the child
@@ -289,7 +290,7 @@ def run_child(model_uri: str, config: EvalConfig | None = None, extra_tags: Mapp
         return parse_flat(EvalConfig, {**flat(base), schema.P_MODEL_URI: model_uri, **dict(overrides or {})})
     return runs.child_run(schema.STAGE_EVAL, child_config, run, run_name=run_name, tags=_tags,
                           raw_params={**flat(base), schema.P_MODEL_URI: model_uri, **dict(overrides or {})},
-                          extra_tags=extra_tags)
+                          extra_tags=extra_tags, parent_run_id=parent_run_id)
 
 
 if __name__ == "__main__":

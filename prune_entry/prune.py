@@ -80,12 +80,14 @@ def run_name(cfg: PruneConfig) -> str:
     return schema.run_name(schema.STAGE_PRUNE, Path(cfg.model.model).name, cfg.method_label, cfg.ratio)
 
 
-def run_child(cfg: PruneConfig, extra_tags: Mapping[str, str] | None = None) -> str:
-    """Prune as a nested child of the active MLflow run (e.g. one point of a search); return its
-    run id. Bad input marks the child FAILED and raises :class:`UserError`. ``extra_tags`` are set
-    on the child from its start (see :func:`tracking.runs.child_run`)."""
+def run_child(cfg: PruneConfig, extra_tags: Mapping[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    """Prune as a nested child of the active MLflow run, or of ``parent_run_id`` (a Ray worker has
+    no active run), e.g. one point of a search; return its run id. Bad input marks the child
+    FAILED and raises :class:`UserError`. ``extra_tags`` are set on the child from its start (see
+    :func:`tracking.runs.child_run`)."""
     return runs.child_run(schema.STAGE_PRUNE, lambda: _checked(cfg), run, run_name=run_name, tags=tags_of,
-                          raw_params=flat(cfg), extra_tags=extra_tags)
+                          raw_params=flat(cfg), extra_tags=extra_tags, parent_run_id=parent_run_id)
 
 
 def _checked(cfg: PruneConfig) -> PruneConfig:

@@ -17,11 +17,14 @@ continues where it stopped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import math
+import os
 import shlex
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from gqaprune import data
-from gqaprune.config import Section, flat, knob, leaves, parse_flat
+from gqaprune.config import Section, build, flat, knob, leaves, parse_flat
 from gqaprune.errors import UserError
 from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.loading import DEMO_ALIAS, resolve_model
@@ -39,9 +42,12 @@ from gqaprune.pipeline import (STRUCTURED, PruneConfig, all_methods, applicable,
 from gqaprune.structured import methods
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from prune_entry import evaluate, prune
+from prune_entry.executors import EXECUTORS, ExecutorSettings, PointResult, Progress, make_executor
 from tracking import cli
 from tracking.cli import Parser, boolean, raw_flags
-from tracking import runs, schema, store
+from tracking import claims, runs, schema, store
+from tracking.claims import ClaimSettings
+from tracking.connect import tracking_uri
 
 AXES = {schema.P_MODEL: "models", schema.P_METHOD: "methods", schema.P_PRUNING_RATIO: "ratios"}  # PruneConfig field -> sweep key
 PRUNE_FIELDS = tuple(leaf.name for leaf in leaves(PruneConfig))
@@ -58,6 +64,7 @@ DENSE = schema.LABEL_DENSE  # method label of the dense (unpruned) baseline rows
 # Summary columns read from the children (schema names; ppl/<dataset> columns are added per dataset).
 PRUNE_COLUMNS = (schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER)
 RATIO = schema.P_PRUNING_RATIO     # the target ratio column: the prune parameter's name
+_HERE = f"{socket.gethostname()}:{os.getpid()}"   # the worker name of points run in this process
 STATUS_COLUMNS = ("status", "resumed", "prune_run_id", "eval_run_id", schema.TAG_SEARCH_POINT, "error")
 
 
@@ -75,6 +82,8 @@ class SearchConfig:
     stop_on_error: bool
     dry_run: bool
     config: str | None
+    executor: ExecutorSettings = ExecutorSettings()   # where the points run (not part of any key)
+    claim_points: bool = False                        # claim each point in the store before running it
 
 
 @dataclass
@@ -111,6 +120,7 @@ class Outcome:
     resumed: list = field(default_factory=list)  # stages taken over from earlier runs
     error: str = ""
     time_s: float = 0.0
+    retryable: bool = True      # False: a bad setting failed it, trying again cannot help
 
     @property
     def ok(self) -> bool:
@@ -151,6 +161,19 @@ class SearchArgs(Section):
     stop_on_error: bool | None = knob(None, "stop (and fail the search) at the first failing point (default false)")
     dry_run: bool = knob(False, "list the points, run nothing (no run is created)")
     verbose: bool = knob(False, "show the known-harmless library warnings (hidden and summarised by default)")
+    # Where the points run (not what they are: these never enter a point's key or the YAML).
+    executor: str = knob("local", "where points run: local (one at a time, in this process) or ray "
+                         "(in parallel, as Ray tasks; pip install -e .[distributed])", choices=EXECUTORS)
+    ray_address: str | None = knob(None, "Ray cluster to use: auto, ray://host:10001 (default: RAY_ADDRESS "
+                                   "if set, else a Ray instance started on this machine for the sweep)")
+    cpus_per_point: float = knob(1.0, "CPUs Ray reserves for each point", low=0.0, low_open=True)
+    gpus_per_point: float | None = knob(None, "GPUs Ray reserves for each point (default 1 when the cluster "
+                                        "has GPUs, else 0)", low=0.0)
+    max_retries: int | None = knob(None, "tries again a point that failed (not for a bad setting) or whose "
+                                   "worker died, this many times (default 1 with ray, 0 locally)", low=0)
+    claim_points: str = knob("auto", "claim each point in the tracking store before running it, so two "
+                             "sweeps or workers never run one point twice: true, false or auto (on with "
+                             "ray or a tracking server, off for a local store)", choices=("auto", "true", "false"))
 
 
 def build_parser() -> Parser:
@@ -281,6 +304,22 @@ def _check_eval_args(eval_args: dict) -> None:
         raise UserError(f"eval_args: {exc}") from exc
 
 
+def _executor_settings(args: SearchArgs) -> ExecutorSettings:
+    retries = args.max_retries if args.max_retries is not None else (1 if args.executor == "ray" else 0)
+    return ExecutorSettings(executor=args.executor, ray_address=args.ray_address,
+                            gpus_per_point=args.gpus_per_point, cpus_per_point=args.cpus_per_point,
+                            max_retries=retries)
+
+
+def _claim_points(mode: str, executor: str) -> bool:
+    """auto: claim when workers may compete, i.e. on Ray or on a store others share (a server or a
+    database); a local sqlite / file store serves one machine, where stale runs are told by pid."""
+    if mode != "auto":
+        return mode == "true"
+    uri = tracking_uri()
+    return executor == "ray" or not (uri.startswith(("sqlite:", "file:")) or "://" not in uri)
+
+
 def _argv(flags: dict) -> list[str]:
     return [tok for k, v in flags.items() for tok in (f"--{k}", str(v))]
 
@@ -288,6 +327,7 @@ def _argv(flags: dict) -> list[str]:
 def resolve_config(argv: list[str] | None) -> SearchConfig:
     """Defaults < config file < command line; each value checked on its own."""
     cli = vars(build_parser().parse_args(argv))
+    args = build(SearchArgs, cli)      # the knobs' choices and bounds
     file = load_config(cli["config"]) if cli["config"] else {}
     raw = {k: cli[k] if cli.get(k) is not None else file.get(k, DEFAULTS[k]) for k in CONFIG_KEYS}
     grid = {**_grid(file.get("grid")), **_grid(cli["grid"])}
@@ -302,7 +342,8 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
                                                     or _bool(raw["eval_dense"], "eval_dense")),
         eval_args=eval_args, resume=_bool(raw["resume"], "resume"),
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
-        config=cli["config"])
+        config=cli["config"], executor=_executor_settings(args),
+        claim_points=_claim_points(args.claim_points, args.executor))
     for m in cfg.methods:
         if m not in all_methods():
             raise UserError(f"unknown method '{m}'", f"use one of {', '.join(all_methods())}")
@@ -531,13 +572,15 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def _child(stage: str, launch, experiment_id: str, search_id: str, point: Point):
-    """Launch one child tagged with its point from birth (``launch(tags)``); return (run id,
-    error or ''). A KeyboardInterrupt leaves the child KILLED, tagged, and stops the sweep."""
+def _child(stage: str, launch, experiment_id: str, search_id: str, point: Point, out: Outcome):
+    """Launch one child tagged with its point from birth (``launch(tags)``); return its run id.
+    A failure is recorded on ``out`` (a bad setting as not retryable). A KeyboardInterrupt leaves
+    the child KILLED, tagged, and stops the sweep."""
     try:
-        return launch(_child_tags(search_id, point, stage)), ""
+        return launch(_child_tags(search_id, point, stage))
     except Exception as exc:  # noqa: BLE001 - one failing point must not stop the sweep
-        return _failed_child(experiment_id, search_id, point, stage), _reason(exc)
+        out.status, out.error, out.retryable = "failed", f"{stage}: {_reason(exc)}", not isinstance(exc, UserError)
+        return _failed_child(experiment_id, search_id, point, stage)
 
 
 def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) -> Outcome:
@@ -547,21 +590,17 @@ def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
     if out.prune_run_id:
         out.resumed.append(schema.STAGE_PRUNE)
     else:
-        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune, tags),
-                                       experiment_id, search_id, point)
-        if err:
-            out.status, out.error = "failed", f"prune: {err}"
+        out.prune_run_id = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune, tags, search_id),
+                                  experiment_id, search_id, point, out)
     if cfg.eval and out.status != "failed":
         out.eval_run_id = finished_eval(experiment_id, point, out.prune_run_id) if cfg.resume else None
         if out.eval_run_id:
             out.resumed.append(schema.STAGE_EVAL)
         else:
             uri = f"runs:/{out.prune_run_id}/{schema.A_PRUNED_MODEL}"
-            out.eval_run_id, err = _child(schema.STAGE_EVAL,
-                                          lambda tags: evaluate.run_child(uri, point.eval, tags),
-                                          experiment_id, search_id, point)
-            if err:
-                out.status, out.error = "failed", f"eval: {err}"
+            out.eval_run_id = _child(schema.STAGE_EVAL,
+                                     lambda tags: evaluate.run_child(uri, point.eval, tags, parent_run_id=search_id),
+                                     experiment_id, search_id, point, out)
     if out.status != "failed":
         wanted = 2 if cfg.eval else 1
         out.status = "reused" if len(out.resumed) == wanted else "finished"
@@ -577,10 +616,11 @@ def run_dense(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
         out.resumed.append(schema.STAGE_EVAL)
         out.status = "reused"
     else:
-        out.eval_run_id, err = _child(schema.STAGE_EVAL,
-                                      lambda tags: evaluate.run_child(point.model, point.eval, tags),
-                                      experiment_id, search_id, point)
-        out.status, out.error = ("failed", f"eval: {err}") if err else ("finished", "")
+        out.eval_run_id = _child(schema.STAGE_EVAL,
+                                 lambda tags: evaluate.run_child(point.model, point.eval, tags, parent_run_id=search_id),
+                                 experiment_id, search_id, point, out)
+        if out.status != "failed":
+            out.status = "finished"
     out.time_s = time.perf_counter() - t0
     return out
 
@@ -746,7 +786,10 @@ def _params(cfg: SearchConfig) -> dict:
               "grid": json.dumps({k: list(v) for k, v in cfg.grid.items()}),
               "prune_args": shlex.join(_argv(cfg.prune_args)), "eval": cfg.eval, "eval_dense": cfg.eval_dense,
               "eval_args": shlex.join(_argv(cfg.eval_args)), "resume": cfg.resume,
-              "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run}
+              "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run,
+              "executor": cfg.executor.executor, "ray_address": cfg.executor.ray_address,
+              "cpus_per_point": cfg.executor.cpus_per_point, "gpus_per_point": cfg.executor.gpus_per_point,
+              "max_retries": cfg.executor.max_retries, "claim_points": cfg.claim_points}
     return {schema.P_SWEEP.format(name=k): v for k, v in values.items()}
 
 
@@ -776,6 +819,15 @@ def dry_run(sweep: Sweep, experiment_id: str | None) -> None:
     print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned, no run created\n{table}")
 
 
+def run_any(sweep: Sweep, experiment_id: str, search_id: str, point: Point) -> Outcome:
+    """One point, in this process or a Ray worker (the executor's ``work``). Holding the point's
+    claim proves no live worker runs it, so its runs still RUNNING are orphans of a dead one."""
+    held = claims.current()
+    if held is not None:
+        held.end_orphans({schema.TAG_SEARCH_POINT: point.key})
+    return (run_dense if point.dense else run_point)(point, sweep, experiment_id, search_id)
+
+
 def run(sweep: Sweep) -> list[Outcome]:
     cfg, points = sweep.config, sweep.points
     runs.log_params(_params(cfg))
@@ -787,19 +839,30 @@ def run(sweep: Sweep) -> list[Outcome]:
     preflight(sweep)
     from tqdm.auto import tqdm
     order = sweep.ordered()
-    outcomes = [Outcome(p) for p in order]
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(order), desc="search", unit="run")
-    stopped = None
-    for i, p in enumerate(order):
-        step = run_dense if p.dense else run_point
-        outcomes[i] = o = step(p, sweep, experiment_id, search_id)
-        bar.update(1)
-        bar.write(_point_line(o, i + 1, len(order)))
-        if cfg.stop_on_error and not o.ok and not p.dense:  # a failed baseline does not stop the sweep
-            stopped = o
-            break
-    bar.close()
+    outcomes = {p.key: Outcome(p) for p in order}
+    t0, stopped, done = time.perf_counter(), [], [0]
+
+    def on_done(result: PointResult) -> bool:
+        o = result.value if isinstance(result.value, Outcome) else \
+            Outcome(result.point, status="failed", error=result.error)   # the worker died or raised
+        outcomes[o.point.key] = o
+        done[0] += 1
+        tqdm.write(_point_line(o, done[0], len(order), result))
+        if cfg.stop_on_error and not o.ok and not o.point.dense:  # a failed baseline does not stop it
+            stopped.append(o)
+            return True
+        return False
+
+    def on_progress(p: Progress) -> None:
+        try:
+            runs.log_metrics(p.metrics(), step=p.completed + p.failed)
+        except Exception as exc:  # noqa: BLE001 - live counts are a convenience, never stop a sweep
+            print(f"search: live counts not logged ({type(exc).__name__})", file=sys.stderr)
+
+    claim = ClaimSettings(experiment_id) if cfg.claim_points else None
+    work = functools.partial(run_any, sweep, experiment_id, search_id)
+    make_executor(cfg.executor, claim).run(order, work, on_done=on_done, on_progress=on_progress)
+    outcomes = [outcomes[p.key] for p in order]
     frame = summary_rows(outcomes)
     table = log_summary(frame, outcomes, time.perf_counter() - t0)
     grid = [o for o in outcomes if not o.point.dense]
@@ -807,8 +870,8 @@ def run(sweep: Sweep) -> list[Outcome]:
     print(f"\nsearch summary ({sum(o.ok for o in grid)}/{len(points)} points ok{dense}, "
           f"{time.perf_counter() - t0:.0f}s):\n{table}")
     failed = [o for o in outcomes if o.status == "failed"]
-    if stopped is not None:
-        raise UserError(f"stopped at point '{stopped.point.label()}' (stop_on_error): {stopped.error}",
+    if stopped:
+        raise UserError(f"stopped at point '{stopped[0].point.label()}' (stop_on_error): {stopped[0].error}",
                         f"see {schema.A_SEARCH_SUMMARY_MD}; fix it and re-run (finished points are reused)")
     if not any(o.ok for o in grid):
         failed_grid = [o for o in grid if o.status == "failed"]
@@ -820,10 +883,12 @@ def run(sweep: Sweep) -> list[Outcome]:
     return outcomes
 
 
-def _point_line(o: Outcome, n: int, total: int) -> str:
+def _point_line(o: Outcome, n: int, total: int, result: PointResult | None = None) -> str:
     head = f"[{n}/{total}] {o.point.label()}:"
+    tries = f" after {result.attempts} attempts" if result is not None and result.attempts > 1 else ""
+    where = f" on {result.worker}" if result is not None and result.worker and result.worker != _HERE else ""
     if not o.ok:
-        return f"{head} FAILED {o.error}"
+        return f"{head} FAILED{tries}{where} {o.error}"
     pm, _ = _metrics(o.prune_run_id)
     em, ep = _metrics(o.eval_run_id)
     parts = [f"params {int(em.get(schema.M_MODEL_PARAMS, 0)):,}" if o.point.dense
@@ -834,7 +899,7 @@ def _point_line(o: Outcome, n: int, total: int) -> str:
         parts.append(f"{schema.M_ZS_MEAN} {em[schema.M_ZS_MEAN]:.4f}")
     ids = ", ".join(f"{stage} {rid[:8]}" for stage, rid in (("prune", o.prune_run_id), ("eval", o.eval_run_id)) if rid)
     note = f" (reused {'+'.join(o.resumed)})" if o.resumed else ""
-    return f"{head} {', '.join(parts)} [{ids}]{note} {o.time_s:.1f}s"
+    return f"{head} {', '.join(parts)} [{ids}]{note}{where} {o.time_s:.1f}s"
 
 
 def _run_name(sweep: Sweep) -> str:

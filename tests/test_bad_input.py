@@ -23,6 +23,7 @@ FAST = ["--taylor_num_samples", "4", "--taylor_seq_len", "16", "--reconstruct", 
 
 def child_env(store: str, experiment: str) -> dict:
     env = dict(os.environ, MLFLOW_TRACKING_URI=store, MLFLOW_EXPERIMENT_NAME=experiment, OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_EXPERIMENT_ID", None)       # one of name / id: the name chosen here wins
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env

@@ -351,8 +351,9 @@ def test_failed_dense_eval_is_reported_and_does_not_stop_the_sweep(tracking_stor
     and the FAILED child carries its point's tags (set at its start, before parsing)."""
     model, real = sweep_args()[1], evaluate.run_child
 
-    def dense_breaks(model_uri, config=None, extra_tags=None, overrides=None):
-        return real(model_uri, config, extra_tags, {"ppl_seq_len": "0"} if model_uri == model else overrides)
+    def dense_breaks(model_uri, config=None, extra_tags=None, overrides=None, parent_run_id=None):
+        return real(model_uri, config, extra_tags, {"ppl_seq_len": "0"} if model_uri == model else overrides,
+                    parent_run_id)
 
     monkeypatch.setattr(search.evaluate, "run_child", dense_breaks)
     assert search.main(sweep_args("--stop_on_error", "true", methods="magnitude", ratios="0.3")) == 0

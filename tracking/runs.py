@@ -441,8 +441,9 @@ def child_run(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any], 
               run_name: Callable[[Any], str] | None = None,
               tags: Callable[[Any], Mapping[str, str]] | None = None,
               raw_params: Mapping[str, Any] | None = None,
-              extra_tags: Mapping[str, str] | None = None) -> str:
+              extra_tags: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> str:
     """Run ``body(parse())`` as a nested child of the active run (same experiment); return its id.
+    With no active run (a Ray worker runs a search point) the child hangs under ``parent_run_id``.
 
     For pipelines (finetune's eval_after, search's grid points). Bad input marks the child
     FAILED and raises the UserError to the caller, which decides whether to go on.
@@ -450,12 +451,14 @@ def child_run(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any], 
     killed at once carries them (a search finds its point's run by them); they win over the run
     name and tags derived from the parsed config.
     """
-    parent = mlflow.active_run()
-    if parent is None:
-        raise RuntimeError("child_run needs an active MLflow run")
+    active_parent = mlflow.active_run()
+    if active_parent is None and parent_run_id is None:
+        raise RuntimeError("child_run needs an active MLflow run or a parent_run_id")
+    parent = active_parent or call_store(lambda: _client().get_run(parent_run_id), "reading the parent run")
     experiment = call_store(lambda: mlflow.get_experiment(parent.info.experiment_id).name, "reading the experiment")
     extra = {k: str(v) for k, v in (extra_tags or {}).items()}
-    with tracked_run(stage, nested=True, experiment=experiment, tags=extra) as active:
+    with tracked_run(stage, nested=True, experiment=experiment, tags=extra,
+                     parent_run_id=None if active_parent else parent_run_id) as active:
         try:
             config = parse()
         except UserError:
