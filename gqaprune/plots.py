@@ -7,6 +7,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def legend_outside(ax, **kwargs):
+    """The axes' legend to the right of its data area (never over the bars or lines), no frame.
+
+    Call ``fig.tight_layout()`` afterwards: it makes room for the legend inside the canvas."""
+    return ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False,
+                     **{"fontsize": 8, **kwargs})
+
+
 def layer_summary_figure(rows: list[dict], title: str):
     """Grouped bars per layer: pruned fraction of attention, MLP and the whole layer."""
     layers = [r["layer"] for r in rows]
@@ -20,6 +28,6 @@ def layer_summary_figure(rows: list[dict], title: str):
     ax.set_ylim(0, 1)
     ax.set_xticks(layers)
     ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     fig.tight_layout()
     return fig

@@ -424,13 +424,24 @@ def entry_point(stage: str, parse: Callable[[], Any], body: Callable[[Any], Any]
     return 0
 
 
+def mlflow_cli() -> str:
+    """The MLflow CLI as the user can type it: this environment's own ``mlflow`` (relative to the
+    working directory when under it, e.g. ``.venv/bin/mlflow``), since a plain ``mlflow`` is not
+    found in a shell where the virtual env is not activated; ``mlflow`` when there is no such file."""
+    cli = Path(sys.executable).parent / "mlflow"
+    if not cli.is_file():
+        return "mlflow"
+    cwd = Path.cwd()
+    return str(cli.relative_to(cwd)) if cwd != Path(cwd.anchor) and cwd in cli.parents else str(cli)
+
+
 def where_to_look(experiment_id: str, run_id: str, stage: str) -> str:
     """Tell the user where the run is and how to open it in the MLflow UI (no credentials)."""
     uri = redact(tracking_uri())
     if connect.is_server(uri):
         ui, base = "the tracking server's UI", uri.rstrip("/")
     else:
-        ui = f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:") else "mlflow ui"
+        ui = f"{mlflow_cli()} ui" + (f" --backend-store-uri {uri}" if uri.startswith("sqlite:") else "")
         base = "http://127.0.0.1:5000"
     return (f"[{stage}] run {run_id} finished. Results: {uri} (experiment {experiment_id}).\n"
             f"  View them: {ui}  then open {base}/#/experiments/{experiment_id}/runs/{run_id}\n"

@@ -5,7 +5,7 @@ TinyStories models and any machine without internet still need a zero-shot score
 when pruning damages the model, so we build tasks from text we have.
 
 Two kinds, both from the corpus's held-out paragraphs (``data.split_local``: every 10th
-paragraph of a local file; the demo corpus's validation topics), never the calibration part:
+paragraph of a local file; the demo corpus's held-out stories), never the calibration part:
 
 * ``<corpus>_continuation`` (HellaSwag-style): a paragraph is cut at the sentence boundary
   nearest its middle (inside a single sentence: at the middle word); the model picks the true

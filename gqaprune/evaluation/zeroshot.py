@@ -440,12 +440,10 @@ def evaluate_tasks(model, tokenizer, names: list[str], manager, *, batch_size: i
 
 def accuracy_figure(result: ZeroShotResult, title: str):
     """Bar per task (its score, measure in the label), chance level as a tick, mean as a line."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from gqaprune.plots import legend_outside, plt
 
     rows = [s for s in result.scores if s.score is not None]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 1.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(rows) + 3.0), 3.6))
     xs = range(len(rows))
     ax.bar(xs, [s.score for s in rows], color="#4C72B0")
     for x, s in zip(xs, rows):
@@ -456,10 +454,10 @@ def accuracy_figure(result: ZeroShotResult, title: str):
     if result.mean is not None:
         ax.axhline(result.mean, color="#55A868", lw=1, label=f"mean {result.mean:.3f}")
     ax.set_xticks(list(xs), [f"{s.task}\n({s.measure})" for s in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.18)                      # headroom: the legend sits above 1.0
+    ax.set_ylim(0, 1.08)                      # headroom for the value labels above the bars
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper center", ncol=2, frameon=False)
+    ax.set_title(title, fontsize=9, wrap=True)
+    legend_outside(ax, fontsize=7)
     fig.tight_layout()
     return fig

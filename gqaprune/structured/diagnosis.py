@@ -170,7 +170,7 @@ def verdict(diag: Diagnosis, settings: dict) -> str:
 
 def diagnosis_figure(diag: Diagnosis, title: str, rates: list | None = None):
     """Two panels: pruned fractions per layer (with target rates) and gradient scales (log)."""
-    from gqaprune.plots import plt
+    from gqaprune.plots import legend_outside, plt
     rows = diag.layers
     x = [r.layer for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(rows) + 2), 6), sharex=True)
@@ -184,7 +184,7 @@ def diagnosis_figure(diag: Diagnosis, title: str, rates: list | None = None):
     top.axhline(EXTREME_THRESHOLD, color="red", linestyle="--", linewidth=1, label="extreme (90%)")
     top.set_ylim(0, 1)
     top.set_ylabel("fraction pruned")
-    top.legend(fontsize=7, ncol=4)
+    legend_outside(top, fontsize=7)
     top.set_title(title, fontsize=10)
     bottom.semilogy(x, [max(r.grad_norm, 1e-30) for r in rows], "o-", label="grad norm")
     bottom.semilogy(x, [max(r.grad_mean, 1e-30) for r in rows], "s-", label="grad mean |g|")
@@ -192,14 +192,14 @@ def diagnosis_figure(diag: Diagnosis, title: str, rates: list | None = None):
     bottom.set_xlabel("decoder layer")
     bottom.set_ylabel("scale (log)")
     bottom.set_xticks(x)
-    bottom.legend(fontsize=7)
+    legend_outside(bottom, fontsize=7)
     fig.tight_layout()
     return fig
 
 
 def rates_figure(rows: list, title: str):
     """Importance per layer/block (bars) and target vs achieved pruning rate (markers)."""
-    from gqaprune.plots import plt
+    from gqaprune.plots import legend_outside, plt
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(rows) + 2), 5.5), sharex=True)
     blocks = sorted({r.block for r in rows})
     width = 0.8 / len(blocks)
@@ -211,11 +211,11 @@ def rates_figure(rows: list, title: str):
         bottom.plot(xs, [r.target_rate for r in sel], "k_", markersize=14)
     top.set_ylabel("importance (removal: nats/token)", fontsize=8)
     top.set_title(title, fontsize=10)
-    top.legend(fontsize=7)
+    legend_outside(top, fontsize=7)
     bottom.set_ylabel("pruning rate (bar) / target (-)")
     bottom.set_xlabel("decoder layer")
     bottom.set_ylim(0, 1)
     bottom.set_xticks(sorted({r.layer for r in rows}))
-    bottom.legend(fontsize=7)
+    legend_outside(bottom, fontsize=7)
     fig.tight_layout()
     return fig

@@ -459,7 +459,7 @@ def _reconstruct_layers(model, layers, shapes, plan, batches, settings, result) 
 
 def error_figure(rows: list[dict], title: str):
     """Per layer and projection: relative reconstruction error before vs after the refit."""
-    from gqaprune.plots import plt
+    from gqaprune.plots import legend_outside, plt
 
     projs = sorted({r["proj"] for r in rows}, key=PROJECTIONS.index)
     fig, axes = plt.subplots(1, len(projs), figsize=(4.5 * len(projs), 3.4), squeeze=False)
@@ -472,7 +472,7 @@ def error_figure(rows: list[dict], title: str):
         ax.set_xlabel("decoder layer")
         ax.set_xticks(layers)
         ax.set_ylabel("relative error ||XW^T+b-Y|| / ||Y||")
-        ax.legend(fontsize=8)
+    legend_outside(axes[0][-1])        # the panels share their two series: one legend
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
