@@ -13,9 +13,9 @@ store (``MLFLOW_TRACKING_URI=sqlite:///<tmp>/mlflow.db``, artifacts next to it):
 2. ``demo, cached``: the same command again (the trained model is reused);
 3. ``demo study``: ``gqaprune.demo_study.run_study`` on the trained model, in this process
    (taylor / magnitude / random at 35%, without and with the lstsq refit, seeds 0 and 1);
-4. ``demo sweep``: ``python -m prune_entry.search --config configs/sweeps/demo.yaml``;
-5. ``finetune``: ``python -m prune_entry.finetune --model_uri <prune run> --eval_after true``
-   (the default LoRA, then the default eval of the merged model).
+4. ``finetune``: ``python -m prune_entry.finetune --model_uri <prune run> --eval_after true``
+   (the default LoRA, then the default eval of the merged model);
+5. ``demo sweep``: ``python -m prune_entry.search --config configs/sweeps/demo.yaml``.
 
 The machine is shared, so each row also gives the CPU time of the subprocess tree (user + sys)
 and the 1-minute load average before and after; compare runs by CPU time, and quote wall times
@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -185,17 +187,33 @@ def run_study_step(cache: Path):
                   f"{n} pruned models + dense, held-out perplexity each"), study
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def print_study(study) -> None:
+    print(f"\n## Demo study ({study.protocol})\n")
+    print(study.table())
+    for rec in study.settings.reconstruct:
+        beats = max(study.ppls("taylor", rec)) < min(study.ppls("random", rec))
+        print(f"\nreconstruct {rec}: ranking {' < '.join(study.ranking(rec))}; taylor beats random "
+              f"on every seed: {'yes' if beats else 'NO'}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--skip", default="", help="comma list of: cached, study, sweep, finetune")
     p.add_argument("--via_script", action="store_true", help="run bash scripts/demo.sh (set-up included)")
     p.add_argument("--keep", default=None, help="keep cache, store and logs in this directory")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)   # `kill <pid>` still prints the timings so far
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench-demo-"))
     tmp.mkdir(parents=True, exist_ok=True)
     env, uri = environment(tmp), f"sqlite:///{tmp / 'mlflow.db'}"
-    print(f"bench_demo: cores {os.cpu_count()}, load {os.getloadavg()[0]:.2f}, work dir {tmp}", flush=True)
+    print(f"bench_demo: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.machine()} "
+          f"{platform.processor() or ''}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}, work dir {tmp}",
+          flush=True)
     demo = ["bash", "scripts/demo.sh"] if args.via_script else DEMO_CMD
     rows: list[Timing] = []
     try:
@@ -211,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if "study" not in skip:
             timing, study = run_study_step(tmp / "cache")
             rows.append(timing)
-        if "sweep" not in skip:
-            rows.append(run_step("demo sweep", py + ["prune_entry.search", "--config", "configs/sweeps/demo.yaml"], env, tmp)[0])
+            print_study(study)
         if "finetune" not in skip:
             ft = run_step("finetune + eval_after (defaults)", py + ["prune_entry.finetune", "--model_uri", prune_run,
                                                                    "--eval_after", "true", "--progress", "false"], env, tmp)[0]
@@ -228,23 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             child = MlflowClient(uri).get_run(ft_run).data.tags.get(schema.TAG_FT_EVAL_RUN)
             if child:
                 evals["taylor 20% + LoRA (default finetune)"] = child
-        print("\n## Demo wall time (fresh cache)\n")
-        print(timing_table(rows))
-        if evals:
-            print("\n## Quality (held-out demo stories, eval defaults of the demo: all perplexity windows, "
-                  "the first 100 items per task; protocol in each eval run's eval_results.json)\n")
-            print("\n".join(quality_rows(uri, evals)))
-        if study is not None:
-            print(f"\n## Demo study ({study.protocol})\n")
-            print(study.table())
-            for rec in study.settings.reconstruct:
-                beats = max(study.ppls("taylor", rec)) < min(study.ppls("random", rec))
-                print(f"\nreconstruct {rec}: ranking {' < '.join(study.ranking(rec))}; taylor beats random "
-                      f"on every seed: {'yes' if beats else 'NO'}")
+        print("\n## Quality (held-out demo stories: all perplexity windows; the demo's evals: the first 100 "
+              "items per task, finetune's eval_after: all 300; protocol in each eval run's eval_results.json)\n")
+        print("\n".join(quality_rows(uri, evals)), flush=True)
         if "sweep" not in skip:
+            rows.append(run_step("demo sweep", py + ["prune_entry.search", "--config", "configs/sweeps/demo.yaml"], env, tmp)[0])
             print("\n## Demo sweep summary\n")
             print(sweep_summary(uri))
-    finally:
+    finally:   # the timings so far, also when a step failed or the run was interrupted
+        print("\n## Demo wall time (fresh cache; CPU = user + sys of the step's processes)\n")
+        print(timing_table(rows), flush=True)
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0

@@ -147,7 +147,9 @@ def _demo(s: DemoSettings) -> int:
     experiment = mlflow.tracking.MlflowClient().get_run(prune_id).info.experiment_id
     print("\n" + summary(rows))
     print(f"({protocol(s)})\n")
-    print(runs.where_to_look(experiment, prune_id, schema.STAGE_PRUNE))
+    look = runs.where_to_look(experiment, prune_id, schema.STAGE_PRUNE).splitlines()[1:]
+    print("demo: done; the prune run and both eval runs are rows of the runs table (one row: ratio and "
+          "perplexity).\n" + "\n".join(look))
     return 0
 
 
