@@ -42,6 +42,8 @@ STAGE_FINETUNE = "finetune"
 STAGE_EVAL = "eval"
 STAGE_SEARCH = "search"
 STAGE_ANALYSIS = "analysis"
+STAGE_CLAIMS = "claims"                # a sweep's claims registry (tracking/claims.py): not a result
+TAG_CLAIMS_REGISTRY = "claims_registry"  # "true" on claims registry runs
 
 # ---- prune metrics -----------------------------------------------------------------------
 M_PARAMS_BEFORE = "params_before"
