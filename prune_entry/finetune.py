@@ -173,7 +173,7 @@ def run(cfg: FinetuneConfig) -> dict:
     got = load(cfg)
     pad_id = got.tokenizer.pad_token_id
     fdata = ft.encode_records(got.tokenizer, got.records, cfg)
-    report.log_data(fdata, got.dataset, got.records.copies)
+    report.log_data(fdata, got.dataset, got.records.copies, cfg.data)
     prep = ft.prepare(got.model, cfg)
     report.log_zero_pattern(prep.zeros)
     key = ft.config_key(trajectory_settings(cfg, got.source, got.dataset))

@@ -23,11 +23,22 @@ from tracking import runs, schema
 PEFT_CONFIG_FILE, PEFT_BASE_KEY = "adapter_config.json", "base_model_name_or_path"
 
 
-def log_data(fdata: ft.FinetuneData, dataset: str, copies: list) -> None:
-    """What the data became (params, tags, sizes, template, one example) and where it was read."""
+def val_protocol(fdata: ft.FinetuneData, data: ft.DataConfig) -> str:
+    """One line: what val_ppl measures, and why it is not the eval run's ppl/<dataset>."""
+    targets = "every token" if fdata.form == "text" or data.train_on_prompt else "the response tokens"
+    return (f"exp(token-mean NLL over {targets} of the {len(fdata.val)} held-out examples "
+            f"(val_fraction {data.val_fraction}) of {fdata.source}, template {fdata.template.name}, "
+            f"each example one sequence of at most {data.seq_len} tokens; not comparable to eval's "
+            f"ppl/<dataset> (non-overlapping windows of held-out text under its ppl_protocol)")
+
+
+def log_data(fdata: ft.FinetuneData, dataset: str, copies: list, data: ft.DataConfig) -> None:
+    """What the data became (params, tags, sizes, template, one example, the val protocol) and
+    where it was read."""
     log_data_sources(copies)
     runs.log_params({schema.P_FT_DATASET_RESOLVED: dataset, schema.P_FT_DATASET_SOURCE: fdata.source,
-                     schema.P_FT_TEMPLATE_RESOLVED: fdata.template.name})
+                     schema.P_FT_TEMPLATE_RESOLVED: fdata.template.name,
+                     schema.P_FT_VAL_PROTOCOL: val_protocol(fdata, data)})
     runs.set_tags({schema.TAG_FT_FORM: fdata.form, schema.TAG_FT_TEMPLATE: fdata.template.name})
     stats = fdata.stats()
     runs.log_metrics({schema.M_FT_TRAIN_EXAMPLES: stats.train_examples,

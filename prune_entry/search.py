@@ -899,7 +899,7 @@ def _point_line(o: Outcome, n: int, total: int, result: PointResult | None = Non
         parts.append(f"{schema.M_ZS_MEAN} {em[schema.M_ZS_MEAN]:.4f}")
     ids = ", ".join(f"{stage} {rid[:8]}" for stage, rid in (("prune", o.prune_run_id), ("eval", o.eval_run_id)) if rid)
     note = f" (reused {'+'.join(o.resumed)})" if o.resumed else ""
-    return f"{head} {', '.join(parts)} [{ids}]{note}{where} {o.time_s:.1f}s"
+    return f"{head} {', '.join(parts)} [{ids}]{note}{where}{tries} {o.time_s:.1f}s"
 
 
 def _run_name(sweep: Sweep) -> str:

@@ -244,5 +244,8 @@ def test_hub_dataset_from_a_local_copy_offline(tracking_store, pruned_dir, tmp_p
     assert run.info.status == "FINISHED" and run.data.tags[schema.TAG_FT_FORM] == "instruction"
     assert run.data.params[schema.P_FT_DATASET_SOURCE].startswith("yahma/alpaca-cleaned [train] (local copy")
     assert (run.data.metrics["train_examples"], run.data.metrics["val_examples"]) == (9, 1)
+    protocol = run.data.params[schema.P_FT_VAL_PROTOCOL]   # what val_ppl is, beside eval's ppl
+    assert "over the response tokens of the 1 held-out examples (val_fraction 0.05)" in protocol
+    assert "template alpaca" in protocol and "not comparable to eval's ppl/<dataset>" in protocol
     where, sha = schema.data_params("yahma/alpaca-cleaned")
     assert run.data.params[where] == str(tmp_path / "data" / "yahma" / "alpaca-cleaned") and len(run.data.params[sha]) == 16

@@ -1,16 +1,13 @@
 """Team setup end to end: PostgreSQL + `mlflow server` with basic-auth (scripts/team_server.sh),
-a local Ray instance with 2 workers running a toy sweep that survives a server restart and a
-killed worker, a resumed sweep, and the access rules (401 without credentials, a read-only user
-cannot create runs). Every process started here is stopped.
-
-This file is also the sweep driver (``python tests/test_team_server.py sweep ...``): its toy
-``work`` lives in ``__main__``, so Ray ships it to the workers by value.
+the real `python -m prune_entry.search` on the demo model with `--executor ray` (a local Ray
+instance, two points at a time) surviving a tracking-server restart and a killed Ray worker, the
+sweep resumed with the local executor, `python -m analysis.cross_model` reading the result, and
+the access rules (401 without credentials, a read-only user cannot create runs). Every process
+started here is stopped.
 """
 from __future__ import annotations
 
-import argparse
 import base64
-import functools
 import json
 import os
 import secrets
@@ -23,6 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,90 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "team_server.sh"
 PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 EXPERIMENT = "team-sweep"
-N_POINTS = 8
-METRICS = ("loss", "achieved_ratio")
-
-
-# ---------------------------------------------------------------------------- the toy sweep (driver side)
-
-@dataclass(frozen=True)
-class ToyPoint:
-    key: str
-    index: int
-
-
-@dataclass(frozen=True)
-class ToyOutcome:
-    key: str
-    status: str             # finished | reused
-    run_id: str
-    ok: bool = True
-
-
-def toy_point(experiment_id: str, search_id: str, state_dir: str, step_s: float, point: ToyPoint) -> ToyOutcome:
-    """One grid point as search runs it: reuse a FINISHED child, else end orphans of a dead worker
-    and run a nested child run that logs metrics over a few seconds."""
-    from mlflow.tracking import MlflowClient
-
-    from tracking import claims
-    client = MlflowClient()
-    tags = {"search_point": point.key, "stage": "prune"}
-    found = client.search_runs([experiment_id], " and ".join(
-        [f"tags.`{k}` = '{v}'" for k, v in tags.items()] + ["attributes.status = 'FINISHED'"]))
-    if found:
-        return ToyOutcome(point.key, "reused", found[0].info.run_id)
-    held = claims.current()
-    held.end_orphans(tags)
-    run = client.create_run(experiment_id, run_name=f"toy-{point.key}", tags={
-        **tags, "mlflow.parentRunId": search_id, "search_run_id": search_id})
-    Path(state_dir, f"running-{point.key}").write_text(str(os.getpid()))
-    for step in range(3):
-        client.log_metric(run.info.run_id, "loss", 1.0 / (point.index + step + 1), step=step)
-        time.sleep(step_s)
-    client.log_param(run.info.run_id, "index", point.index)
-    client.log_metric(run.info.run_id, "achieved_ratio", 0.1 * point.index)
-    client.set_terminated(run.info.run_id, "FINISHED")
-    held.end_orphans(tags)      # a create_run retried across the outage may have left a twin
-    Path(state_dir, f"done-{point.key}").write_text(str(os.getpid()))
-    return ToyOutcome(point.key, "finished", run.info.run_id)
-
-
-def sweep_main(argv: list[str]) -> int:
-    """Driver: one search run, N points on a local Ray instance (2 CPUs) or the local executor,
-    results as JSON."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--state", required=True)
-    ap.add_argument("--max_retries", type=int, default=1)
-    ap.add_argument("--step_s", type=float, default=1.0)
-    ap.add_argument("--executor", default="ray")
-    args = ap.parse_args(argv)
-    from mlflow.tracking import MlflowClient
-
-    from prune_entry.executors import ExecutorSettings, make_executor
-    from tracking.claims import ClaimSettings
-    client = MlflowClient()
-    exp_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
-    search = client.create_run(exp_id, run_name="toy-search", tags={"stage": "search"})
-    points = [ToyPoint(f"pt{i}", i) for i in range(N_POINTS)]
-    work = functools.partial(toy_point, exp_id, search.info.run_id, args.state, args.step_s)
-
-    def metrics(p) -> None:     # live counts on the search run; an outage must not stop the sweep
-        try:
-            client.log_batch(search.info.run_id, metrics=[
-                __import__("mlflow").entities.Metric(k, v, int(time.time() * 1000), 0)
-                for k, v in p.metrics().items()])
-        except Exception as exc:  # noqa: BLE001
-            print(f"progress metrics not logged ({type(exc).__name__})", file=sys.stderr)
-    settings = ExecutorSettings(executor=args.executor, num_cpus=2, cpus_per_point=1, gpus_per_point=0,
-                                max_retries=args.max_retries, busy_poll_s=2.0)
-    results = make_executor(settings, ClaimSettings(exp_id, heartbeat_s=2.0, stale_after_s=60.0)).run(
-        points, work, on_progress=metrics)
-    client.set_terminated(search.info.run_id, "FINISHED" if all(r.ok for r in results) else "FAILED")
-    import ray
-    print(json.dumps({"ray_stopped": not ray.is_initialized(), "results": [
-        {"key": r.point.key, "status": r.status, "attempts": r.attempts, "error": r.error,
-         "outcome": getattr(r.value, "status", None)} for r in results]}))
-    return 0
+METHODS, RATIOS = ("taylor", "magnitude", "random"), ("0.2", "0.35")
+N_PRUNED = len(METHODS) * len(RATIOS)       # + 1 dense eval point
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -170,7 +86,7 @@ class Team:
 
     def client_env(self, user: tuple) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-        env.update(MLFLOW_TRACKING_URI=self.url, MLFLOW_TRACKING_USERNAME=user[0],
+        env.update(MLFLOW_TRACKING_URI=self.url, MLFLOW_EXPERIMENT_NAME=EXPERIMENT, MLFLOW_TRACKING_USERNAME=user[0],
                    MLFLOW_TRACKING_PASSWORD=user[1], PYTHONPATH=str(REPO), GQAPRUNE_TEAM_TEST=self.marker,
                    MLFLOW_HTTP_REQUEST_MAX_RETRIES="10", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1",
                    MLFLOW_HTTP_REQUEST_BACKOFF_JITTER="0.5", RAY_DEDUP_LOGS="0")
@@ -237,93 +153,145 @@ def _wait(cond, timeout: float, what: str, proc: subprocess.Popen | None = None)
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _sweep(team: Team, state: Path, log: Path, executor: str = "ray") -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(Path(__file__)), "sweep", "--state", str(state),
-                             "--executor", executor],
-                            env=team.client_env(team.worker), cwd=str(REPO), stdout=subprocess.PIPE,
-                            stderr=log.open("w"), text=True, start_new_session=True)
+@pytest.fixture(scope="module")
+def sweep_files(tmp_path_factory):
+    """The demo model (its architecture, tokenizer and corpus; trained for a few steps only: the
+    sweep's behaviour, not its quality, is under test)."""
+    from gqaprune import demo
+    return demo.ensure_demo_model(seed=0, cache_dir=tmp_path_factory.mktemp("team-demo"), steps=12,
+                                  progress=False)
 
 
-def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> list[dict]:
+def _search_cmd(model: Path, executor: str) -> list[str]:
+    return [sys.executable, "-m", "prune_entry.search", "--models", str(model),
+            "--methods", ",".join(METHODS), "--ratios", ",".join(RATIOS), "--executor", executor,
+            "--cpus_per_point", "1", "--max_retries", "2", "--eval", "true",
+            "--prune_args", "--calibration_dataset demo --taylor_num_samples 4 --taylor_seq_len 32 "
+                            "--batch_size 4 --reconstruct none",
+            "--eval_args", "--ppl_datasets demo --ppl_seq_len 64 --ppl_nsamples 8 --tasks none --speed false"]
+
+
+def _sweep(team: Team, files: Path, log: Path, executor: str) -> subprocess.Popen:
+    return subprocess.Popen(_search_cmd(files, executor), env=team.client_env(team.worker), cwd=str(REPO),
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError(f"sweep timed out; log:\n{log.read_text()[-3000:]}")
     assert proc.returncode == 0, log.read_text()[-3000:]
-    report = json.loads(out.strip().splitlines()[-1])
-    assert report["ray_stopped"], "the sweep's local Ray instance was shut down"
-    return report["results"]
+    return log.read_text()
+
+
+@contextmanager
+def _as(team: Team, user: tuple):
+    """This process reads the team store as `user` (MlflowClient takes credentials from the env)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ.update(MLFLOW_TRACKING_USERNAME=user[0], MLFLOW_TRACKING_PASSWORD=user[1])
+    try:
+        from mlflow.tracking import MlflowClient
+        yield MlflowClient(team.url)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def _running_child(client, proc: subprocess.Popen):
+    """(run, pid) of a prune/eval child RUNNING in a Ray worker once some prune child FINISHED;
+    None while not there yet or while the store cannot be read."""
+    from tracking import schema
+    try:
+        exp = client.get_experiment_by_name(EXPERIMENT)
+        runs = client.search_runs([exp.experiment_id], max_results=500) if exp else []
+    except Exception:  # noqa: BLE001 - the server may be starting
+        return None
+    kids = [r for r in runs if r.data.tags.get(schema.TAG_STAGE) in (schema.STAGE_PRUNE, schema.STAGE_EVAL)]
+    if not any(r.info.status == "FINISHED" and r.data.tags[schema.TAG_STAGE] == schema.STAGE_PRUNE for r in kids):
+        return None
+    for r in kids:
+        pid = r.data.tags.get(schema.TAG_PID)
+        if r.info.status == "RUNNING" and pid and int(pid) != proc.pid:
+            return r, int(pid)
+    return None
 
 
 # ---------------------------------------------------------------------------- the test
 
 @pytest.mark.slow
-def test_team_sweep_survives_server_restart_and_a_killed_worker(team, tmp_path):
-    state = tmp_path / "state"
-    state.mkdir()
+def test_team_sweep_survives_server_restart_and_a_killed_worker(team, sweep_files, tmp_path):
+    from tracking import claims, schema
     assert _rest(team.url, None, "/api/2.0/mlflow/experiments/search?max_results=1") == 401
     assert _rest(team.url, ("admin", "wrong-password-1"), "/api/2.0/mlflow/experiments/search?max_results=1") == 401
 
-    # Sweep 1: kill the server mid-sweep, kill the worker of a running point while it is down.
-    proc = _sweep(team, state, tmp_path / "sweep1.log")
+    # Sweep 1 on Ray: once a point has finished and another runs in a worker, kill the tracking
+    # server and that worker (SIGKILL: nothing closes its runs), then bring the server back.
+    log1 = tmp_path / "sweep1.log"
+    proc = _sweep(team, sweep_files, log1, "ray")
     try:
-        _wait(lambda: len(list(state.glob("done-*"))) >= 1 and len(list(state.glob("running-*"))) >= 3,
-              150, "a finished point and a running one", proc)
-        victim = next(p for p in sorted(state.glob("running-*"))
-                      if not (state / p.name.replace("running-", "done-")).exists())
-        server = int((team.dir / "mlflow.pid").read_text())
-        os.killpg(server, signal.SIGKILL)
-        os.kill(int(victim.read_text()), signal.SIGKILL)
-        time.sleep(1.0)
-        restarted = team.script("start")
-        assert restarted.returncode == 0, restarted.stderr
-        assert int((team.dir / "mlflow.pid").read_text()) != server
-        first = _finish(proc, tmp_path / "sweep1.log", 200)
+        with _as(team, team.admin) as client:
+            found = []
+            _wait(lambda: found.append(_running_child(client, proc)) or found[-1], 400,
+                  "a finished point and one running in a worker", proc)
+            victim, pid = found[-1]
+            server = int((team.dir / "mlflow.pid").read_text())
+            os.killpg(server, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(1.0)
+            restarted = team.script("start")
+            assert restarted.returncode == 0, restarted.stderr
+            assert int((team.dir / "mlflow.pid").read_text()) != server
+        out1 = _finish(proc, log1, 600)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    killed_key = victim.name.removeprefix("running-")
-    assert all(r["status"] == "ok" for r in first), first
-    assert {r["key"]: r["attempts"] for r in first}[killed_key] == 2, "the dead worker's point was redone"
+    assert "after 2 attempts" in out1, out1[-3000:]          # the dead worker's point was redone
+    assert "FAILED" not in out1, out1[-3000:]
 
-    # Sweep 2 (resume, on the local executor: the store decides, not the executor): every point
-    # is reused, nothing runs again.
-    proc = _sweep(team, state, tmp_path / "sweep2.log", executor="local")
-    second = _finish(proc, tmp_path / "sweep2.log", 150)
-    assert [(r["status"], r["outcome"]) for r in second] == [("ok", "reused")] * N_POINTS
+    # Sweep 2, resumed with the local executor (where a point ran is not in its key): every
+    # point is found FINISHED in the store and reused.
+    log2 = tmp_path / "sweep2.log"
+    out2 = _finish(_sweep(team, sweep_files, log2, "local"), log2, 300)
+    assert out2.count("(reused prune+eval)") == N_PRUNED and out2.count("(reused eval)") == 1, out2[-3000:]
 
-    # The store, read as the admin.
-    os.environ.update(MLFLOW_TRACKING_USERNAME=team.admin[0], MLFLOW_TRACKING_PASSWORD=team.admin[1])
-    try:
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient(team.url)
+    with _as(team, team.admin) as client:
         exp = client.get_experiment_by_name(EXPERIMENT)
         runs = client.search_runs([exp.experiment_id], max_results=1000)
-        children = [r for r in runs if r.data.tags.get("stage") == "prune"]
+        stage = lambda r: r.data.tags.get(schema.TAG_STAGE)  # noqa: E731
         finished = {}
-        for r in children:
-            if r.info.status == "FINISHED":
-                finished.setdefault(r.data.tags["search_point"], []).append(r)
-        assert sorted(finished) == sorted(f"pt{i}" for i in range(N_POINTS))
-        assert all(len(v) == 1 for v in finished.values()), "exactly one FINISHED child per point"
-        assert all(set(METRICS) <= set(v[0].data.metrics) for v in finished.values())
-        assert all(len(client.get_metric_history(v[0].info.run_id, "loss")) >= 3 for v in finished.values())
+        for r in runs:
+            if stage(r) in (schema.STAGE_PRUNE, schema.STAGE_EVAL) and r.info.status == "FINISHED":
+                finished.setdefault((stage(r), r.data.tags[schema.TAG_SEARCH_POINT]), []).append(r)
+        prunes = [v for (st, _), v in finished.items() if st == schema.STAGE_PRUNE]
+        evals = [v for (st, _), v in finished.items() if st == schema.STAGE_EVAL]
+        assert len(prunes) == N_PRUNED and len(evals) == N_PRUNED + 1
+        assert all(len(v) == 1 for v in finished.values()), "exactly one FINISHED child per point and stage"
+        assert all(schema.M_ACHIEVED_RATIO in v[0].data.metrics for v in prunes)
+        assert all(schema.ppl_metric("demo") in v[0].data.metrics for v in evals)
         assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"], "no RUNNING run"
-        assert any(r.info.status == "FAILED" and r.data.tags.get("failure_reason") == "killed"
-                   and r.data.tags["search_point"] == killed_key for r in children), "the orphan was closed"
-        from tracking import claims
-        state = claims.point_state(claims.list_registries(client, exp.experiment_id), killed_key)
-        assert state.latest >= 1, "the dead worker's claim was taken over"
-        searches = [r for r in runs if r.data.tags.get("stage") == "search"]
-        assert len(searches) == 2 and all(r.data.metrics.get("search/live_completed") == N_POINTS for r in searches)
+        key = victim.data.tags[schema.TAG_SEARCH_POINT]
+        closed = client.get_run(victim.info.run_id)
+        assert closed.info.status == "FAILED" and closed.data.tags[schema.TAG_FAILURE] == schema.REASON_KILLED
+        assert claims.point_state(claims.list_registries(client, exp.experiment_id), key).latest >= 1, \
+            "the dead worker's claim was taken over"
+        searches = [r for r in runs if stage(r) == schema.STAGE_SEARCH]
+        assert len(searches) == 2 and all(r.info.status == "FINISHED" for r in searches)
+        assert all(r.data.metrics.get("search/live_completed") == N_PRUNED + 1 for r in searches)
         secrets_ = {team.admin[1], team.worker[1], team.reader[1]}
         for r in runs:
             values = set(r.data.params.values()) | set(r.data.tags.values())
             assert not values & secrets_, "a password was logged"
-    finally:
-        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
-        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+
+    # The read-only user runs the cross-model analysis on the team store.
+    report = tmp_path / "report"
+    analysed = subprocess.run([sys.executable, "-m", "analysis.cross_model", "--experiments", EXPERIMENT,
+                               "--output_dir", str(report)], env=team.client_env(team.reader), cwd=str(REPO),
+                              capture_output=True, text=True, timeout=300)
+    assert analysed.returncode == 0, analysed.stderr[-3000:]
+    assert any(report.iterdir()), "the analysis wrote its reports"
+    assert team.reader[1] not in analysed.stdout + analysed.stderr
 
     # A read-only user reads but cannot create runs.
     assert _rest(team.url, team.reader, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=" + EXPERIMENT) == 200
@@ -348,9 +316,3 @@ def test_script_refuses_bad_flags_and_loose_credentials(tmp_path):
     assert loose.returncode == 2 and "readable by others (chmod 600" in loose.stderr, loose.stderr
     assert not (tmp_path / "d" / "pgdata").exists()       # refused before anything started
     assert "x\n" not in loose.stdout + loose.stderr
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] == ["sweep"]:
-        raise SystemExit(sweep_main(sys.argv[2:]))
-    raise SystemExit("usage: python tests/test_team_server.py sweep --state DIR")

@@ -216,3 +216,28 @@ def test_hub_task_offline_fails_fast_with_hint(monkeypatch):
     manager = zeroshot.task_manager([], with_defaults=True)
     with pytest.raises(UserError, match=r"task 'boolq' needs its dataset .*offline.*--tasks offline"):
         zeroshot.check_tasks(manager, ["boolq"])
+
+
+def test_accuracy_figure_shows_the_standard_error_of_the_scored_measure_inside_the_canvas():
+    from gqaprune.evaluation.zeroshot import TaskScore, ZeroShotResult, accuracy_figure, score_stderr
+    scores = [TaskScore("piqa", "acc_norm", 0.61, acc=0.58, acc_norm=0.61, acc_stderr=0.011,
+                        acc_norm_stderr=0.012, chance=0.5),
+              TaskScore("boolq", "acc", 0.7, acc=0.7, acc_stderr=0.02, chance=0.5),
+              TaskScore("demo_cloze", "acc", 0.3, acc=0.3, chance=0.25)]          # no stderr given
+    assert [score_stderr(s) for s in scores] == [0.012, 0.02, None]
+    fig = accuracy_figure(ZeroShotResult(scores, 0.5367, "acc_norm where defined", 0, None), "Llama · taylor 20%")
+    ax = fig.axes[0]
+    caps = [c for c in ax.containers if hasattr(c, "errorbar") and c.errorbar is not None]
+    (bars,) = caps
+    segments = bars.errorbar.lines[2][0].get_segments()          # one vertical segment per bar
+    assert [round(float(s[1][1] - s[0][1]) / 2, 6) for s in segments] == [0.012, 0.02, 0.0]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["0.610\n± 0.012", "0.700\n± 0.020", "0.300"]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    for artist in [*ax.texts, ax.title, ax.get_legend(), *ax.get_xticklabels()]:
+        box = artist.get_window_extent(renderer)
+        assert canvas.x0 - 1 <= box.x0 and box.x1 <= canvas.x1 + 1 and canvas.y0 - 1 <= box.y0 and box.y1 <= canvas.y1 + 1
+    import matplotlib.pyplot as plt
+    plt.close(fig)

@@ -54,8 +54,8 @@ from mlflow.tracking import MlflowClient
 from tracking import liveness, retry, schema
 from tracking.connect import tracking_uri
 
-STAGE_CLAIMS = "claims"                 # TAG_STAGE of the registry runs (analysis ignores it)
-TAG_REGISTRY = "claims_registry"        # "true" on registry runs
+STAGE_CLAIMS = schema.STAGE_CLAIMS     # TAG_STAGE of the registry runs (analysis ignores it)
+TAG_REGISTRY = schema.TAG_CLAIMS_REGISTRY
 REGISTRY_NAME = "sweep-claims"
 END_DONE, END_FAILED, END_WITHDRAWN, END_KILLED = "done", "failed", "withdrawn", "killed"
 

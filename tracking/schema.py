@@ -42,6 +42,8 @@ STAGE_FINETUNE = "finetune"
 STAGE_EVAL = "eval"
 STAGE_SEARCH = "search"
 STAGE_ANALYSIS = "analysis"
+STAGE_CLAIMS = "claims"                # a sweep's claims registry (tracking/claims.py): not a result
+TAG_CLAIMS_REGISTRY = "claims_registry"  # "true" on claims registry runs
 
 # ---- prune metrics -----------------------------------------------------------------------
 M_PARAMS_BEFORE = "params_before"
@@ -169,6 +171,7 @@ M_FT_MERGED_SPARSITY = "merged_sparsity"  # the same of the merged (saved) model
 M_FT_MASK_REZEROED = "mask_rezeroed_weights"  # weights the merge made non-zero that the mask zeroed again
 M_FT_VAL_LOSS_MERGED = "val_loss_merged"  # val loss of the merged model when the mask changed weights
 P_FT_DATASET_RESOLVED = "dataset_resolved"    # the dataset "auto" resolved to
+P_FT_VAL_PROTOCOL = "val_ppl_protocol"        # how val_loss / val_ppl were measured (one line)
 P_FT_DATASET_SOURCE = "dataset_source"        # where the records came from (split / part of a file)
 P_FT_TEMPLATE_RESOLVED = "template_resolved"  # the template "auto" resolved to
 A_FT_CURVES = "finetune_curves.png"

@@ -438,23 +438,32 @@ def evaluate_tasks(model, tokenizer, names: list[str], manager, *, batch_size: i
     return result
 
 
+def score_stderr(s: TaskScore) -> float | None:
+    """lm-eval's standard error of the measure the task is scored by (None where it gives none)."""
+    return {"acc": s.acc_stderr, "acc_norm": s.acc_norm_stderr}.get(s.measure)
+
+
 def accuracy_figure(result: ZeroShotResult, title: str):
-    """Bar per task (its score, measure in the label), chance level as a tick, mean as a line."""
+    """Bar per task (its score ± lm-eval's standard error, measure in the label), chance level as
+    a tick, mean as a line; the legend right of the data."""
     from gqaprune.plots import legend_outside, plt
 
     rows = [s for s in result.scores if s.score is not None]
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(rows) + 3.0), 3.6))
     xs = range(len(rows))
-    ax.bar(xs, [s.score for s in rows], color="#4C72B0")
-    for x, s in zip(xs, rows):
+    errs = [score_stderr(s) for s in rows]
+    ax.bar(xs, [s.score for s in rows], color="#4C72B0",
+           yerr=[e if e is not None else 0.0 for e in errs], capsize=3, ecolor="#333333")
+    for x, s, e in zip(xs, rows, errs):
         if s.chance is not None:
             ax.hlines(s.chance, x - 0.4, x + 0.4, colors="#C44E52", linestyles="--",
                       label="chance" if x == 0 else None)
-        ax.text(x, s.score + 0.01, f"{s.score:.3f}", ha="center", va="bottom", fontsize=8)
+        label = f"{s.score:.3f}" + (f"\n± {e:.3f}" if e is not None else "")
+        ax.text(x, s.score + (e or 0.0) + 0.01, label, ha="center", va="bottom", fontsize=7)
     if result.mean is not None:
         ax.axhline(result.mean, color="#55A868", lw=1, label=f"mean {result.mean:.3f}")
     ax.set_xticks(list(xs), [f"{s.task}\n({s.measure})" for s in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.08)                      # headroom for the value labels above the bars
+    ax.set_ylim(0, 1.3)                       # headroom: the two-line value labels sit above the bars
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy")
     ax.set_title(title, fontsize=9, wrap=True)
