@@ -32,8 +32,8 @@ stream, ``samples x seq_len x H`` in the model dtype; one for the local target),
 decoder layer (deep copy) and one projection's statistics (``lstsq``: (k^2 + k H) float64;
 ``bias``: O(H)). Never a second model. The solve's peak (k = kept columns, s = bytes of the
 statistics dtype, 8 for float64): X^T X, the damped copy A and its Cholesky factor, 3 k^2 s, plus
-X^T Y and w0 (float64), 2 k H s-ish; then A is freed before the triangular solves (2 k^2 s + ~4 k H s).
-Llama-3-8B down_proj at ratio 0.2 (k = 11469, H = 4096): about 3.9 GB in float64, 2.2 GB in float32.
+X^T Y and w0, 2 k H s; then A is freed before the triangular solves (2 k^2 s + ~5 k H s: X^T Y, w0,
+the right-hand side, its LAPACK copy and the solution). ``benchmarks/bench_memory.py`` measures it.
 Cost per layer: attention blocks of the pruned and dense layer (o_proj pass), both full layers
 (down_proj pass), the pruned MLP (advance), plus accumulating the statistics.
 """
@@ -327,7 +327,7 @@ def _refit(layer, dense_layer, proj: str, layer_idx: int, streams: _Streams,
     """
     t0 = time.perf_counter()
     lin: nn.Linear = layer.self_attn.o_proj if proj == "o_proj" else layer.mlp.down_proj
-    w0 = lin.weight.detach().to(torch.float64)                           # [H, k]
+    w0 = lin.weight.detach().to(getattr(torch, settings.reconstruct_stats_dtype))   # [H, k]
     b0 = lin.bias.detach().to(torch.float64) if lin.bias is not None else None
     stats = (NormalEquations(w0.shape[1], w0.shape[0], w0.device, getattr(torch, settings.reconstruct_stats_dtype))
              if settings.mode == "lstsq" else None)
