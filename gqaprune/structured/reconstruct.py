@@ -32,8 +32,8 @@ stream, ``samples x seq_len x H`` in the model dtype; one for the local target),
 decoder layer (deep copy) and one projection's statistics (``lstsq``: (k^2 + k H) float64;
 ``bias``: O(H)). Never a second model. The solve's peak (k = kept columns, s = bytes of the
 statistics dtype, 8 for float64): X^T X, the damped copy A and its Cholesky factor, 3 k^2 s, plus
-X^T Y and w0, 2 k H s; then A is freed before the triangular solves (2 k^2 s + ~5 k H s: X^T Y, w0,
-the right-hand side, its LAPACK copy and the solution). ``benchmarks/bench_memory.py`` measures it.
+X^T Y and w0, 2 k H s; A is freed before the two triangular solves (then X^T X, L and ~5 k H s:
+X^T Y, w0, the right-hand side, the intermediate and the solution). ``benchmarks/bench_memory.py`` measures it.
 Cost per layer: attention blocks of the pruned and dense layer (o_proj pass), both full layers
 (down_proj pass), the pruned MLP (advance), plus accumulating the statistics.
 """
@@ -227,7 +227,10 @@ class NormalEquations:
             pivots = chol.diagonal() ** 2 / damped.diagonal().clamp_min(tiny)
             del damped                                                    # peak: X^T X, A, L
             if int(info) == 0 and float(pivots.min()) >= PIVOT_TOL[self.exact]:
-                w = torch.cholesky_solve(rhs + lam * w0.T.to(a.dtype), chol).T   # [H, k]
+                # two triangular solves: cholesky_solve would copy L into another layout (+k^2)
+                z = torch.linalg.solve_triangular(chol, rhs + lam * w0.T.to(a.dtype), upper=False)
+                w = torch.linalg.solve_triangular(chol.mT, z, upper=True).T      # [H, k]
+                del z
                 if bool(torch.isfinite(w).all()):
                     return w, rel
             if rel >= AUTO_DAMPING_MAX:
