@@ -1,6 +1,9 @@
 """Peak memory per stage on growing widths, a fitted memory model, and its Llama-3-8B projection.
 
-    python -m benchmarks.bench_memory [--quick] [--dtype bfloat16|float32]
+    python -m benchmarks.bench_memory [--quick] [--solve_8b] [--dtype bfloat16|float32]
+
+(about 30 minutes on 2 shared CPU cores; ``--quick`` is a two-minute smoke run on 8-layer models
+too small for a meaningful projection: fixed costs dominate there.)
 
 Every (model, stage) runs in a fresh subprocess (``--stage``): the model and inputs are built, the
 peak RSS is reset (``/proc/self/clear_refs`` = 5) and the stage runs; the figure is VmHWM after
@@ -232,7 +235,7 @@ def stories_cost(repeats: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small widths only (a minute or two)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small widths, 8 layers (projection not meaningful)")
     ap.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16 mimics a GPU run)")
     ap.add_argument("--seq_len", type=int, default=128)
     ap.add_argument("--taylor_samples", type=int, default=4, help="Taylor windows (mini-batches of 2)")
