@@ -98,8 +98,8 @@ def main() -> None:
         m = copy.deepcopy(model)
         spent, restore = timed_solves()
         try:
-            res = rc.prune_and_reconstruct(m, plan, ids, rc.ReconstructSettings(
-                mode=mode, batch_size=args.batch_size, show_progress=False))
+            res = rc.prune_and_reconstruct(m, plan, ids, rc.ReconstructionConfig(
+                mode, args.samples, args.seq_len, batch_size=args.batch_size, show_progress=False))
         finally:
             restore()
         per_layer = res.time_s / n_layers

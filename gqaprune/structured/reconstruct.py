@@ -11,7 +11,9 @@ dense model (see :data:`TARGETS` for exactly which dense quantity):
 * targets Y [n, H] come from the *dense* model (a copy of layer l taken just before its surgery);
 * only the normal-equation statistics are accumulated chunk by chunk (X^T X [k, k],
   X^T Y [k, H], sums), never X itself: float32 products per chunk summed in float64; solves
-  (Cholesky) run in float64 on the weights' device; new weights keep the model dtype.
+  (Cholesky) run in float64 on the weights' device; new weights keep the model dtype. The knob
+  ``reconstruct_stats_dtype=float32`` keeps X^T X, X^T Y and the solve in float32 instead (half
+  the memory of the largest solve; errors are still evaluated in float64, column block by block).
 
 Variants (``mode``):
 
@@ -28,7 +30,10 @@ Variants (``mode``):
 Memory: besides the model, two hidden-state buffers of the calibration set (dense and pruned
 stream, ``samples x seq_len x H`` in the model dtype; one for the local target), one dense
 decoder layer (deep copy) and one projection's statistics (``lstsq``: (k^2 + k H) float64;
-``bias``: O(H)). Never a second model.
+``bias``: O(H)). Never a second model. The solve's peak (k = kept columns, s = bytes of the
+statistics dtype, 8 for float64): X^T X, the damped copy A and its Cholesky factor, 3 k^2 s, plus
+X^T Y and w0, 2 k H s; A is freed before the two triangular solves (then X^T X, L and ~5 k H s:
+X^T Y, w0, the right-hand side, the intermediate and the solution). ``benchmarks/bench_memory.py`` measures it.
 Cost per layer: attention blocks of the pruned and dense layer (o_proj pass), both full layers
 (down_proj pass), the pruned MLP (advance), plus accumulating the statistics.
 """
@@ -74,6 +79,8 @@ AUTO_DAMPING_MAX = 1.0
 # Smallest Cholesky pivot share accepted without raising the damping, by precision of the chunk
 # products (float32 sums carry ~1e-7 relative noise; float64 ~1e-16).
 PIVOT_TOL = {False: 1e-6, True: 1e-12}
+STATS_DTYPES = ("float64", "float32")
+ERROR_BLOCK = 1024           # columns of X^T X converted to float64 at a time (float32 statistics)
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,10 @@ class ReconstructionConfig(Section):
                                     fix="pass a larger reconstruct_samples (default 128)")
     reconstruct_seq_len: int = knob(128, "tokens per reconstruction sequence (BOS first)", low=2,
                                     fix="pass a larger reconstruct_seq_len (default 128)")
+    reconstruct_stats_dtype: str = knob("float64", "lstsq: dtype of X^T X, X^T Y and the Cholesky solve; "
+                                        "float32 halves the largest solve's memory", choices=STATS_DTYPES,
+                                        kind="reconstruct_stats_dtype",
+                                        fix="use float64 (default) or float32")
     # Not flags: set by code (the pipeline passes the root ``damping`` knob and the calibration
     # batch size).
     damping: float = DEFAULT_DAMPING   # ridge, relative to mean(diag(X^T X)), >= 0
@@ -139,13 +150,14 @@ class ReconstructResult:
 class NormalEquations:
     """Running statistics of a linear least-squares problem Y ~ X W^T + b, never storing X.
 
-    xtx [k, k] = sum x x^T, xty [k, H] = sum x y^T, sx [k], sy [H], yy = sum ||y||^2, n tokens.
+    xtx [k, k] = sum x x^T, xty [k, H] = sum x y^T (both in ``dtype``), sx [k], sy [H],
+    yy = sum ||y||^2 (float64), n tokens.
     """
 
-    def __init__(self, k: int, h: int, device):
+    def __init__(self, k: int, h: int, device, dtype: torch.dtype = torch.float64):
         f64 = dict(dtype=torch.float64, device=device)
-        self.xtx = torch.zeros(k, k, **f64)
-        self.xty = torch.zeros(k, h, **f64)
+        self.xtx = torch.zeros(k, k, dtype=dtype, device=device)
+        self.xty = torch.zeros(k, h, dtype=dtype, device=device)
         self.sx = torch.zeros(k, **f64)
         self.sy = torch.zeros(h, **f64)
         self.yy = torch.zeros((), **f64)
@@ -159,7 +171,7 @@ class NormalEquations:
         float64 throughput is 1/64) and are summed into the float64 accumulators.
         """
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-        self.exact = self.exact and dt == torch.float64
+        self.exact = self.exact and dt == torch.float64 and self.xtx.dtype == torch.float64
         x = x.reshape(-1, x.shape[-1]).to(self.sx.device, dt)             # [n, k]
         y = y.reshape(-1, y.shape[-1]).to(self.sx.device, dt)             # [n, H]
         self.xtx += x.T @ x
@@ -171,10 +183,22 @@ class NormalEquations:
 
     def sq_error(self, w: torch.Tensor, b: torch.Tensor | None = None) -> float:
         """sum_t ||W x_t + b - y_t||^2 from the statistics (w [H, k], b [H], float64)."""
-        wx = (w @ self.xtx * w).sum() - 2 * (w * self.xty.T).sum() + self.yy
+        wx = self._quad(w) - 2 * (w * self.xty.T).sum() + self.yy
         if b is not None:
             wx = wx + 2 * b @ (w @ self.sx - self.sy) + self.n * (b @ b)
         return max(float(wx), 0.0)
+
+    def _quad(self, w: torch.Tensor) -> torch.Tensor:
+        """sum_t ||W x_t||^2 = sum(W X^T X * W) in float64; float32 statistics are converted one
+        column block [k, ERROR_BLOCK] at a time (never a float64 copy of X^T X)."""
+        w = w.to(torch.float64)
+        if self.xtx.dtype == torch.float64:
+            return (w @ self.xtx * w).sum()
+        total = torch.zeros((), dtype=torch.float64, device=w.device)
+        for j in range(0, w.shape[1], ERROR_BLOCK):
+            block = self.xtx[:, j: j + ERROR_BLOCK].to(torch.float64)         # [k, c]
+            total += ((w @ block) * w[:, j: j + ERROR_BLOCK]).sum()
+        return total
 
     def rel_error(self, w: torch.Tensor, b: torch.Tensor | None = None) -> float:
         return math.sqrt(self.sq_error(w, b) / max(float(self.yy), 1e-300))
@@ -182,25 +206,31 @@ class NormalEquations:
     def solve(self, w0: torch.Tensor, b: torch.Tensor | None, damping: float) -> tuple[torch.Tensor, float]:
         """Ridge refit towards w0: (X^T X + lam I) W^T = X^T (Y - b) + lam w0^T.
 
-        Returns (W [H, k] float64, relative damping used). A (numerically) singular system –
+        Returns (W [H, k] in the statistics dtype, relative damping used). A (numerically) singular system –
         rank-deficient X with damping 0 – is retried with growing damping; X == 0 keeps w0.
         Singular means a Cholesky pivot L_ii^2 / (A_ii + lam), the share of column i not explained
         by the columns before it, below the statistics' precision (PIVOT_TOL).
         """
         a, rhs = self.xtx, self.xty
         if b is not None:
-            rhs = rhs - self.sx[:, None] * b[None, :]                    # X^T (Y - 1 b^T)
-        scale = float(a.diagonal().mean())
+            rhs = rhs - (self.sx[:, None] * b[None, :]).to(a.dtype)     # X^T (Y - 1 b^T)
+        scale = float(a.diagonal().to(torch.float64).mean())
         if not scale > 0:                                                 # no signal at all
             return w0.clone(), damping
-        eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+        tiny = max(1e-300, torch.finfo(a.dtype).tiny)
         rel = damping
         while True:
             lam = rel * scale
-            chol, info = torch.linalg.cholesky_ex(a + lam * eye)
-            pivots = chol.diagonal() ** 2 / (a.diagonal() + lam).clamp_min(1e-300)
+            damped = a.clone()                                            # A = X^T X + lam I [k, k]
+            damped.diagonal().add_(lam)
+            chol, info = torch.linalg.cholesky_ex(damped)
+            pivots = chol.diagonal() ** 2 / damped.diagonal().clamp_min(tiny)
+            del damped                                                    # peak: X^T X, A, L
             if int(info) == 0 and float(pivots.min()) >= PIVOT_TOL[self.exact]:
-                w = torch.cholesky_solve(rhs + lam * w0.T, chol).T       # [H, k]
+                # two triangular solves: cholesky_solve would copy L into another layout (+k^2)
+                z = torch.linalg.solve_triangular(chol, rhs + lam * w0.T.to(a.dtype), upper=False)
+                w = torch.linalg.solve_triangular(chol.mT, z, upper=True).T      # [H, k]
+                del z
                 if bool(torch.isfinite(w).all()):
                     return w, rel
             if rel >= AUTO_DAMPING_MAX:
@@ -300,9 +330,10 @@ def _refit(layer, dense_layer, proj: str, layer_idx: int, streams: _Streams,
     """
     t0 = time.perf_counter()
     lin: nn.Linear = layer.self_attn.o_proj if proj == "o_proj" else layer.mlp.down_proj
-    w0 = lin.weight.detach().to(torch.float64)                           # [H, k]
+    w0 = lin.weight.detach().to(getattr(torch, settings.reconstruct_stats_dtype))   # [H, k]
     b0 = lin.bias.detach().to(torch.float64) if lin.bias is not None else None
-    stats = NormalEquations(w0.shape[1], w0.shape[0], w0.device) if settings.mode == "lstsq" else None
+    stats = (NormalEquations(w0.shape[1], w0.shape[0], w0.device, getattr(torch, settings.reconstruct_stats_dtype))
+             if settings.mode == "lstsq" else None)
     shift = ShiftStats(w0.shape[0], w0.device) if settings.mode == "bias" else None
     local, attn = settings.target == "local", proj == "o_proj"
     for c, kw in enumerate(streams.kwargs):
