@@ -408,8 +408,14 @@ def _eval_key(cfg: EvalConfig) -> str:
 def _point_key(resolved: PruneConfig, model_path: str) -> str:
     """Hash of the resolved prune settings (as every release so far has hashed them: the flat
     leaves, without leaves added later at their default) and the model path."""
-    values = {k: v for k, v in flat(resolved).items() if not (k == "scorer" and v == methods.AUTO)}
+    values = {k: v for k, v in flat(resolved).items() if KEY_ADDED_LATER.get(k, _NO_DEFAULT) != v}
     return _hash({**values, schema.TAG_MODEL_PATH: model_path})
+
+
+# Leaves added after sweeps were first keyed, with the default that reproduces the old behaviour:
+# at that default they stay out of the key, so earlier sweeps' points are still found and reused.
+_NO_DEFAULT = object()
+KEY_ADDED_LATER = {"scorer": methods.AUTO, "reconstruct_stats_dtype": "float64"}
 
 
 def plan_points(cfg: SearchConfig) -> list[Point]:

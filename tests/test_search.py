@@ -246,6 +246,10 @@ def test_point_key_is_a_hash_of_resolved_settings(sweep_args):
     argv[argv.index("--eval_args") + 1] += " --ppl_seq_len 8"
     longer = search.parse(argv)
     assert longer.dense[0].key != base.dense[0].key and longer.dense[0].eval_key == longer.points[0].eval_key
+    # a knob added after sweeps were keyed leaves the key alone at its default, changes it otherwise
+    spelled = search.parse(sweep_args("--grid", '{"reconstruct_stats_dtype": ["float64"]}', ratios="0.2", methods="taylor"))
+    f32 = search.parse(sweep_args("--grid", '{"reconstruct_stats_dtype": ["float32"]}', ratios="0.2", methods="taylor"))
+    assert spelled.points[0].key == base.points[0].key != f32.points[0].key
 
 
 @pytest.mark.parametrize("text,expected", [
