@@ -1,81 +1,46 @@
-"""Cross-model tables and figures for a paper, from the eval runs in the tracking store.
+"""Cross-model tables and figures for a paper, and the study's answers, from the tracking store.
 
     python -m analysis.cross_model [--experiments a,b] [--metric ppl/wikitext2,zeroshot/mean_acc]
-        [--output_dir reports/]
+        [--select_by auto | <metric>:max|min] [--output_dir reports/] [--export_best DIR] [--register true]
 
 Per metric: a pivot table (rows: method x pruning ratio x stage, plus reconstruction / setting /
 protocol when those vary; columns: one per model alias; values: the metric of the latest eval of
 that configuration) with the relative change vs the dense model of the same column measured under
 the same protocol, printed and written as Markdown, LaTeX (booktabs) and CSV; a figure of the
 metric vs pruning ratio (one panel per model, one line per method and stage); and, when a family
-has both a Base and an Instruct model, a Base-vs-Instruct figure. Everything, plus the joined
-``results_table.csv``, is logged to an analysis run in the ``gqaprune-analysis`` experiment.
+has both a Base and an Instruct model, a Base-vs-Instruct figure of each method's best
+configuration per ratio.
+
+Then the five analyses of :mod:`analysis.study` under the one selection rule
+(:mod:`analysis.selection`): best configuration per model, Base vs Instruct per family, method
+preference, winning parameter values, family comparison — each as a terminal table, Markdown,
+LaTeX and CSV, plus ``analysis_summary.json`` and five figures (PNG + PDF). ``--export_best``
+copies each model's best pruned model, plan and reports into ``DIR/<alias>/``; ``--register``
+registers each best in the MLflow Model Registry (``gqaprune-<alias>``, a new version per call).
+Everything, plus the joined ``results_table.csv``, is logged to an analysis run in the
+``gqaprune-analysis`` experiment.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from analysis import query
+from analysis import figures, query, selection, study as study_mod, tables
+from analysis.protocol import describe, is_none, protocol_of  # noqa: F401 - re-exported names
+from analysis.tables import latex_escape  # noqa: F401 - re-exported
 from tracking import UserError
 from tracking.cli import Parser, boolean, optional_str, raw_flags
-from tracking import runs, schema
+from tracking import runs, schema, store
 
-INDEX = ["method", "pruning_ratio", "stage"]
+RATIO, ALIAS, PATH = query.RATIO, query.ALIAS, query.PATH
+INDEX = ["method", RATIO, "stage"]
 OPTIONAL_INDEX = ["reconstruct", "setting", "protocol"]   # shown only when they vary
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-
-
-# ------------------------------------------------------------------------------ what a number means
-
-def _none(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).lower() in ("none", "")
-
-
-def _shots(row) -> str:
-    n = row.get(schema.P_NUM_FEWSHOT)
-    return "task-default-shot" if _none(n) else f"{int(float(n))}-shot"
-
-
-def _limit(row) -> str:
-    lim = row.get(schema.P_LIMIT)
-    return "" if _none(lim) else f", limit {lim} docs per task (smoke test)"
-
-
-def protocol_of(metric: str, row) -> str:
-    """How ``metric`` of this results row was measured, from the eval run's params."""
-    kind, _, rest = metric.partition("/")
-    if kind in ("ppl", "nll", "ppl_tokens"):
-        return row.get(f"ppl_protocol/{rest}") or f"{rest}, {row.get('ppl_seq_len')}-token windows"
-    if kind == "zeroshot":
-        return (f"{_shots(row)}, mean over tasks of the score per task ({row.get(schema.P_TASK_MEASURES)}; "
-                f"convention {row.get(schema.P_ACC_CONVENTION)}){_limit(row)}")
-    tasks = str(row.get(schema.P_TASKS_RUN) or "").split(",")
-    if kind in tasks:
-        return f"{kind} {rest} (lm-eval), {_shots(row)}{_limit(row)}"
-    if kind == "speed":
-        return str(row.get(schema.P_SPEED_PROTOCOL) or "speed protocol not recorded")
-    return ""
-
-
-def describe(metric: str) -> str:
-    """A caption phrase for the metric, with the direction that is better."""
-    kind, _, rest = metric.partition("/")
-    if kind == "ppl":
-        return f"Perplexity on {rest} (lower is better)"
-    if metric == schema.M_ZS_MEAN:
-        return "Mean zero-shot score (higher is better)"
-    if rest in ("acc", "acc_norm"):
-        norm = ", log-likelihood normalised by byte length" if rest == "acc_norm" else ""
-        return f"{kind} accuracy ({rest}{norm}; higher is better)"
-    if metric == schema.M_ACHIEVED_RATIO:
-        return "Achieved fraction of prunable parameters removed"
-    return metric
 
 
 # ------------------------------------------------------------------------------ the pivot
@@ -94,16 +59,7 @@ class Pivot:
 
 def _labels(rows: pd.DataFrame) -> pd.DataFrame:
     """One column label per model path: the alias, made unique (``#2``) if two paths share it."""
-    models = (rows[["model_path", "model_alias", "family", "variant"]].drop_duplicates("model_path")
-              .fillna({"family": "", "variant": ""})
-              .assign(_v=lambda d: (d["variant"] != "Base").astype(int))
-              .sort_values(["family", "_v", "model_alias"]).drop(columns="_v").reset_index(drop=True))
-    seen: dict[str, int] = {}
-    labels = []
-    for alias in models["model_alias"]:
-        seen[alias] = seen.get(alias, 0) + 1
-        labels.append(alias if seen[alias] == 1 else f"{alias}#{seen[alias]}")
-    return models.assign(label=labels)
+    return study_mod.model_labels(rows)
 
 
 def _cells(table: pd.DataFrame, metric: str, notes: list[str]) -> tuple[pd.DataFrame, dict[str, str]]:
@@ -113,7 +69,7 @@ def _cells(table: pd.DataFrame, metric: str, notes: list[str]) -> tuple[pd.DataF
     texts = list(dict.fromkeys(rows["_protocol_text"]))
     names = {t: (f"P{i + 1}" if len(texts) > 1 else "") for i, t in enumerate(texts)}
     rows["protocol"] = rows["_protocol_text"].map(names)
-    key = ["model_path", *INDEX, *OPTIONAL_INDEX]
+    key = [PATH, *INDEX, *OPTIONAL_INDEX]
     rows = rows.sort_values(["eval_start_time", "eval_run_id"], ascending=False)
     dup = rows.duplicated(key, keep="first")
     if dup.any():
@@ -124,7 +80,7 @@ def _cells(table: pd.DataFrame, metric: str, notes: list[str]) -> tuple[pd.DataF
 
 def _dense_of(cells: pd.DataFrame, metric: str) -> dict[tuple[str, str], float]:
     dense = cells[cells["stage"] == schema.LABEL_DENSE]
-    return {(r["model_path"], r["protocol"]): r[metric] for _, r in dense.iterrows()}
+    return {(r[PATH], r["protocol"]): r[metric] for _, r in dense.iterrows()}
 
 
 def shown_levels(cells: pd.DataFrame) -> list[str]:
@@ -149,10 +105,10 @@ def pivot(table: pd.DataFrame, metric: str) -> Pivot:
     notes: list[str] = []
     cells, protocols = _cells(table, metric, notes)
     models = _labels(cells)
-    label_of = dict(zip(models["model_path"], models["label"]))
+    label_of = dict(zip(models[PATH], models["label"]))
     dense = _dense_of(cells, metric)
-    cells = cells.assign(model=cells["model_path"].map(label_of), value=cells[metric])
-    cells["dense_value"] = [dense.get((p, q)) for p, q in zip(cells["model_path"], cells["protocol"])]
+    cells = cells.assign(model=cells[PATH].map(label_of), value=cells[metric])
+    cells["dense_value"] = [dense.get((p, q)) for p, q in zip(cells[PATH], cells["protocol"])]
     cells["relative_pct"] = [100.0 * (v - d) / d if d not in (None, 0) and not pd.isna(d) else math.nan
                              for v, d in zip(cells["value"], cells["dense_value"])]
     index = INDEX + shown_levels(cells)
@@ -177,7 +133,7 @@ def _row_order(cells: pd.DataFrame, index: list[str]) -> pd.MultiIndex:
     """Dense first, then methods alphabetically, ratio ascending, pruned before pruned+LoRA."""
     keys = cells[index].drop_duplicates()
     rank = pd.DataFrame({"d": (keys["method"] != schema.LABEL_DENSE).astype(int), "m": keys["method"],
-                         "r": keys["pruning_ratio"],
+                         "r": keys[RATIO],
                          "s": keys["stage"].map({s: i for i, s in enumerate(query.STAGE_ORDER)})},
                         index=keys.index)
     for c in index[3:]:
@@ -210,7 +166,7 @@ def _cell_text(p: Pivot, row, col) -> str:
 
 
 def _index_text(name: str, value) -> str:
-    if name == "pruning_ratio":
+    if name == RATIO:
         return f"{value:.2f}"
     return str(value) if value not in (None, "") else "–"
 
@@ -218,7 +174,7 @@ def _index_text(name: str, value) -> str:
 def grid(p: Pivot) -> tuple[list[str], list[list[str]]]:
     """(header, body) of the rendered table: index columns then one column per model."""
     names = list(p.values.index.names)
-    header = [{"pruning_ratio": "ratio"}.get(n, n) for n in names] + list(p.values.columns)
+    header = [{RATIO: "ratio"}.get(n, n) for n in names] + list(p.values.columns)
     body = [[_index_text(n, v) for n, v in zip(names, row)] + [_cell_text(p, row, c) for c in p.values.columns]
             for row in p.values.index]
     return header, body
@@ -264,10 +220,6 @@ def markdown(p: Pivot) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def latex_escape(text: str) -> str:
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text).replace("–", "--").replace("×", r"$\times$")
-
-
 def latex(p: Pivot) -> str:
     """A booktabs table; a \\midrule between methods."""
     header, body = grid(p)
@@ -308,8 +260,8 @@ def _lines(cells: pd.DataFrame, y: str):
     for key, grp in pruned.groupby(["method", "stage", *extra_cols], sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         extra = dict(zip(extra_cols, key[2:]))
-        grp = grp.sort_values("pruning_ratio")
-        xs, ys = list(grp["pruning_ratio"]), list(grp[y])
+        grp = grp.sort_values(RATIO)
+        xs, ys = list(grp[RATIO]), list(grp[y])
         proto = extra.get("protocol", grp["protocol"].iloc[0])
         base = dense[dense["protocol"] == proto]
         if not base.empty and not pd.isna(base[y].iloc[0]):
@@ -323,20 +275,12 @@ def _method_colors(p: Pivot) -> dict[str, str]:
     return {m: f"C{i % 10}" for i, m in enumerate(methods)}
 
 
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def ratio_figure(p: Pivot):
-    """Metric vs pruning ratio: one panel per model, one line per method (dashed: +LoRA)."""
-    plt = _plt()
+    """Metric vs pruning ratio: one panel per model, one line per method (dashed: +LoRA); one
+    legend outside the panels (one colour per method)."""
     models = list(p.models["label"])
     ncols = min(3, len(models))
-    nrows = math.ceil(len(models) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False, sharey=False)
+    fig, axes = figures.figure(math.ceil(len(models) / ncols), ncols)
     colors = _method_colors(p)
     for ax, (_, m) in zip(axes.flat, p.models.iterrows()):
         cells = p.long[p.long["model"] == m["label"]]
@@ -345,15 +289,14 @@ def ratio_figure(p: Pivot):
                     color=colors[method])
         for _, d in cells[cells["stage"] == schema.LABEL_DENSE].iterrows():
             ax.axhline(d["value"], color="gray", ls=":", lw=1, label=f"dense {d['protocol']}".strip())
-        ax.set_title(f"{m['label']} ({m['family']} {m['variant']})", fontsize=9)
+        figures.ax_title(ax, f"{m['label']} ({m['family']} {m['variant']}) · {p.metric}")
         ax.set_xlabel("target pruning ratio", fontsize=8)
         ax.set_ylabel(p.metric, fontsize=8)
-        ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
-    fig.suptitle(_wrap(f"{describe(p.metric)}. " + "; ".join(
-        f"{k + ': ' if k else ''}{v}" for k, v in p.protocols.items()), 140), fontsize=8)
-    fig.tight_layout()
+    figures.legend(fig, figures.collect(axes))
+    figures.title(fig, f"{describe(p.metric)}. " + "; ".join(
+        f"{k + ': ' if k else ''}{v}" for k, v in p.protocols.items()))
     return fig
 
 
@@ -362,32 +305,45 @@ def families_with_both(p: Pivot) -> list[str]:
     return [f for f, v in fam.items() if {"Base", "Instruct"} <= v]
 
 
-def base_instruct_figure(p: Pivot):
-    """Per family with both variants: relative change vs each model's own dense model (or the
-    metric itself when a dense eval is missing) vs ratio; solid Base, dashed Instruct."""
-    plt = _plt()
+def base_instruct_figure(p: Pivot, study):
+    """Per family with both variants: each method's *best configuration per ratio* (selection
+    rule) — its change vs the model's own dense eval (or the metric itself without one); solid
+    Base, dashed Instruct, squares +LoRA. One line per (variant, method, stage), however large the
+    grid of settings."""
     fams = families_with_both(p)
     colors = _method_colors(p)
-    fig, axes = plt.subplots(1, len(fams), figsize=(5 * len(fams), 3.6), squeeze=False)
+    per_method = study_mod.method_bests(study)
+    by_eval = p.long.set_index("eval_run_id")
+    fig, axes = figures.figure(1, len(fams), width=4.8, height=3.6)
     for ax, fam in zip(axes.flat, fams):
         members = p.models[(p.models["family"] == fam) & p.models["variant"].isin(["Base", "Instruct"])]
         cells = p.long[p.long["model"].isin(members["label"])]
         relative = cells[cells["stage"] != schema.LABEL_DENSE]["relative_pct"].notna().all()
-        y = "relative_pct" if relative else "value"
+        col = "relative_pct" if relative else "value"
         for _, m in members.iterrows():
-            mc = cells[cells["model"] == m["label"]]
-            if relative:
-                mc = mc.assign(relative_pct=mc["relative_pct"].where(mc["stage"] != schema.LABEL_DENSE, 0.0))
-            for label, method, stage, xs, ys in _lines(mc, y):
-                ax.plot(xs, ys, "-" if m["variant"] == "Base" else "--", marker="o" if stage == schema.LABEL_PRUNED
-                        else "s", ms=3, label=f"{m['label']}: {label}", color=colors[method],
-                        alpha=1.0 if stage == schema.LABEL_PRUNED else 0.6)
-        ax.set_title(f"{fam}: Base vs Instruct", fontsize=9)
+            lines: dict[tuple, list] = {}
+            for b in per_method.best:
+                if b.group[PATH] != m[PATH] or b.row["eval_run_id"] not in by_eval.index:
+                    continue
+                cell = by_eval.loc[b.row["eval_run_id"]]
+                cell = cell.iloc[0] if isinstance(cell, pd.DataFrame) else cell
+                lines.setdefault((b.row["method"], b.group["stage"]), []).append((b.group[RATIO], cell[col]))
+            for (method, stage), pts in sorted(lines.items()):
+                pts = sorted(pts)
+                if relative:
+                    pts = [(0.0, 0.0), *pts]
+                ax.plot([x for x, _ in pts], [y for _, y in pts], "-" if m["variant"] == "Base" else "--",
+                        marker="o" if stage == schema.LABEL_PRUNED else "s", ms=3, color=colors.get(method, "C0"),
+                        alpha=1.0 if stage == schema.LABEL_PRUNED else 0.6,
+                        label=f"{method}{' +LoRA' if stage == schema.LABEL_PRUNED_LORA else ''}")
+        ax.plot([], [], "-", color="gray", label="Base (solid)")
+        ax.plot([], [], "--", color="gray", label="Instruct (dashed)")
+        figures.ax_title(ax, f"{fam}: Base vs Instruct · {p.metric}")
         ax.set_xlabel("target pruning ratio", fontsize=8)
         ax.set_ylabel(f"change of {p.metric} vs dense (%)" if relative else p.metric, fontsize=8)
-        ax.legend(fontsize=6)
-    fig.suptitle(_wrap(f"{describe(p.metric)}; solid: Base, dashed: Instruct; squares: +LoRA", 140), fontsize=8)
-    fig.tight_layout()
+    figures.legend(fig, figures.collect(axes))
+    figures.title(fig, f"{describe(p.metric)}: each method's best configuration per ratio (selection rule "
+                       f"{study.rule.select_by}); solid Base, dashed Instruct; squares +LoRA")
     return fig
 
 
@@ -400,14 +356,24 @@ def build_parser() -> Parser:
     p.add_argument("--metric", default="auto",
                    help="comma-separated metric names (ppl/<dataset>, zeroshot/mean_acc, <task>/acc, ...); "
                         "auto: every ppl/<dataset> and zeroshot/mean_acc present")
+    p.add_argument("--select_by", default=selection.AUTO,
+                   help="the selection rule: auto (highest zeroshot/mean_acc, ties / no accuracy: lowest "
+                        "perplexity on the first dataset) or <metric>:max|min, e.g. ppl/wikitext2:min")
     p.add_argument("--output_dir", type=optional_str, default=None, help="also write the reports here")
+    p.add_argument("--export_best", type=optional_str, default=None,
+                   help="copy each model's best pruned model, plan and reports into DIR/<alias>/")
+    p.add_argument("--register", type=boolean, default=False,
+                   help="register each model's best pruned model in the MLflow Model Registry "
+                        "(gqaprune-<alias>, a new version per call)")
     p.add_argument("--include_failed", type=boolean, default=False,
                    help="true: also use FAILED/KILLED/RUNNING runs (for debugging, never for a paper)")
     return p
 
 
 def parse(argv: list[str] | None):
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    args.rule = selection.Rule.parse(args.select_by)
+    return args
 
 
 def choose_metrics(table: pd.DataFrame, requested: str) -> list[str]:
@@ -424,7 +390,7 @@ def choose_metrics(table: pd.DataFrame, requested: str) -> list[str]:
 
 
 def load_table(experiments, include_failed: bool, notes: list[str]) -> pd.DataFrame:
-    table = query.results_table(experiments, include_failed, notes=notes)
+    table = query.results_table(experiments, include_failed, notes=notes, details=True)
     if table.empty:
         where = f"experiment(s) {', '.join(experiments)}" if experiments else f"the store {runs.tracking_uri()}"
         raise UserError(f"no finished eval runs in {where}",
@@ -436,7 +402,7 @@ def slug(metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", metric).strip("_")
 
 
-def write_outputs(p: Pivot, out: Path | None) -> dict[str, str]:
+def write_outputs(p: Pivot, out: Path | None, study=None) -> dict[str, str]:
     """Write md / tex / csv / figures to ``out`` (if given) and log them to the active run."""
     base = schema.A_CROSS_MODEL.format(metric=slug(p.metric))
     texts = {f"{base}.md": markdown(p), f"{base}.tex": latex(p)}
@@ -445,46 +411,159 @@ def write_outputs(p: Pivot, out: Path | None) -> dict[str, str]:
     runs.log_table(flat_csv(p.values), f"{base}.csv")
     runs.log_table(flat_csv(p.relative), f"{base}_relative.csv")
     figs = {f"{base}.png": ratio_figure(p)}
-    if families_with_both(p):
-        figs[schema.A_BASE_INSTRUCT_FIG.format(metric=slug(p.metric))] = base_instruct_figure(p)
+    if families_with_both(p) and study is not None:
+        figs[schema.A_BASE_INSTRUCT_FIG.format(metric=slug(p.metric))] = base_instruct_figure(p, study)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
             (out / name).write_text(text)
         flat_csv(p.values).to_csv(out / f"{base}.csv", index=False)
         flat_csv(p.relative).to_csv(out / f"{base}_relative.csv", index=False)
-        for name, fig in figs.items():
-            fig.savefig(out / name, dpi=150)
     for name, fig in figs.items():
-        runs.log_figure(fig, name)
+        figures.emit(fig, name.removesuffix(".png"), out, exts=("png",))
     return {**texts, **{n: "figure" for n in figs}}
+
+
+def csv_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The joined table as written to results_table.csv (prune params as JSON text)."""
+    if query.PRUNE_PARAMS not in table:
+        return table
+    return table.assign(**{query.PRUNE_PARAMS: [json.dumps(d, sort_keys=True) if isinstance(d, dict) else None
+                                                 for d in table[query.PRUNE_PARAMS]]})
+
+
+# ------------------------------------------------------------------------------ the study
+
+def write_study(study, out: Path | None) -> dict[str, tables.Table]:
+    """The five analyses: printed, written (md / tex / csv), analysis_summary.json, five figures."""
+    results = study_mod.analyses(study)
+    for name, t in results.items():
+        t.name = schema.A_STUDY.format(name=name)
+        print(tables.terminal(t) + "\n")
+        tables.write(t, out)
+    doc = study_mod.summary(study, results)
+    runs.log_json(doc, schema.A_ANALYSIS_SUMMARY)
+    if out is not None:
+        (out / schema.A_ANALYSIS_SUMMARY).write_text(runs.dump_json(doc))
+    for name, fig in figures.study_figures(study, results).items():
+        figures.emit(fig, schema.A_STUDY_FIG.format(name=name), out)
+    return results
+
+
+def model_artifact(row) -> tuple[str, str]:
+    """(run id, artifact) holding the model of a best row: the finetune run's for pruned+LoRA."""
+    if row["stage"] == schema.LABEL_PRUNED_LORA and isinstance(row["finetune_run_id"], str):
+        return row["finetune_run_id"], schema.A_FINETUNED_MODEL
+    return row["prune_run_id"], schema.A_PRUNED_MODEL
+
+
+def _best_dirs(study, root: Path) -> list[tuple]:
+    """(best, directory): ``root/<alias>/``, or ``root/<alias>/<ratio>_<stage>/`` for a model with
+    several bests (several ratios or stages)."""
+    per_model: dict[str, list] = {}
+    for b in study.selection.best:
+        per_model.setdefault(b.row[study_mod.MODEL], []).append(b)
+    out = []
+    for label, bests in per_model.items():
+        folder = root / slug(label)
+        for b in bests:
+            sub = f"{b.group[RATIO]:g}_{slug(b.group['stage'])}"
+            out.append((b, folder if len(bests) == 1 else folder / sub))
+    return out
+
+
+def export_best(study, root: Path) -> list[str]:
+    """Copy each best's model, its prune run's plan and reports and its eval run's reports, plus
+    its best_config.json, into its directory. Returns the directories."""
+    done = []
+    for b, folder in _best_dirs(study, root):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        run_id, artifact = model_artifact(b.row)
+        store.download_artifact(run_id, artifact, folder)
+        for rid in (b.row["prune_run_id"], b.row["eval_run_id"]):
+            if not isinstance(rid, str):
+                continue
+            for path in store.artifact_paths(rid):
+                if path not in (*schema.MODEL_ARTIFACTS, schema.A_OFFLINE_TASKS):
+                    store.download_artifact(rid, path, folder)
+        cfg = study_mod.best_config(study, b)
+        doc = selection.document(study.rule, [cfg], [], [])
+        (folder / schema.A_BEST_CONFIG).write_text(runs.dump_json(doc))
+        print(f"exported {cfg.model} ({cfg.method}, ratio {cfg.pruning_ratio:g}, {cfg.stage}) -> {folder}")
+        done.append(str(folder))
+    return done
+
+
+def version_tags(study, b) -> dict[str, str]:
+    """Tags of a registered version: its configuration, what it won with, its runs, the rule."""
+    cfg = study_mod.best_config(study, b)
+    tags = {schema.P_METHOD: cfg.method, schema.P_PRUNING_RATIO: cfg.pruning_ratio, "stage": cfg.stage,
+            schema.TAG_MODEL_ALIAS: cfg.model, schema.TAG_MODEL_FAMILY: cfg.family,
+            schema.TAG_MODEL_VARIANT: cfg.variant, "prune_run_id": cfg.prune_run_id,
+            "eval_run_id": cfg.eval_run_id, schema.P_SELECTION_RULE: study.rule.describe()}
+    tags.update({k: v for k, v in cfg.swept.items()})
+    tags.update({k: f"{v:.6g}" for k, v in cfg.metrics.items() if k in (*cfg.won_by, selection.ACC)
+                 or schema.is_ppl(k)})
+    return {k: "none" if v is None else str(v) for k, v in tags.items()}
+
+
+def register_best(study) -> list[str]:
+    """One registered model per alias (``gqaprune-<alias>``), a new version per best and call."""
+    done = []
+    for b in study.selection.best:
+        run_id, artifact = model_artifact(b.row)
+        name = schema.registered_model_name(b.row[study_mod.MODEL])
+        v = store.register_model(run_id, artifact, name, version_tags(study, b))
+        print(f"registered {b.row[study_mod.MODEL]} ({b.row['method']}, ratio {b.group[RATIO]:g}, "
+              f"{b.group['stage']}): models:/{v.name}/{v.version}")
+        done.append(f"{v.name}/{v.version}")
+    return done
 
 
 def run(args) -> dict[str, Pivot]:
     experiments = query.experiment_list(args.experiments)
     runs.log_params({"experiments": ",".join(experiments) if experiments else "all",
                      "metric": args.metric, "include_failed": args.include_failed,
-                     "output_dir": args.output_dir})
+                     "output_dir": args.output_dir, schema.P_SELECT_BY: args.select_by,
+                     schema.P_SELECTION_RULE: args.rule.describe(), "export_best": args.export_best,
+                     "register": args.register})
     notes: list[str] = []
     table = load_table(experiments, args.include_failed, notes)
     metrics = choose_metrics(table, args.metric)
     out = Path(args.output_dir) if args.output_dir else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    study = study_mod.build(table, args.rule, list(notes))
     pivots = {}
     for metric in metrics:
         p = pivot(table, metric)
         pivots[metric] = p
         print(terminal(p) + "\n")
-        write_outputs(p, out)
+        write_outputs(p, out, study)
+    write_study(study, out)
     for n in notes:
         print(f"note: {n}")
-    runs.log_table(table, schema.A_RESULTS_TABLE)
+    runs.log_table(csv_table(table), schema.A_RESULTS_TABLE)
     if out is not None:
-        table.to_csv(out / schema.A_RESULTS_TABLE, index=False)
+        csv_table(table).to_csv(out / schema.A_RESULTS_TABLE, index=False)
         print(f"reports written to {out}")
-    runs.log_metrics({"n_results": len(table), "n_models": table["model_path"].nunique()})
+    runs.log_metrics({"n_results": len(table), "n_models": table[PATH].nunique(),
+                      schema.M_STUDY_MODELS: len({b.row[PATH] for b in study.selection.best}),
+                      schema.M_STUDY_CANDIDATES: study.selection.candidates,
+                      schema.M_STUDY_EXCLUDED: study.selection.excluded})
     ids = ",".join(table["eval_run_id"])
     if len(ids) <= 5000:
         runs.set_tags({schema.TAG_COMPARED_RUNS: ids})
+    if args.export_best:
+        export_best(study, Path(args.export_best))
+        runs.set_tags({schema.TAG_EXPORTED: str(Path(args.export_best).resolve())})
+    if args.register:
+        registered = register_best(study)
+        runs.set_tags({schema.TAG_REGISTERED: ",".join(registered) or "none"})
+    if (args.export_best or args.register) and not study.selection.best:
+        print("note: no best configuration: nothing exported or registered")
     return pivots
 
 

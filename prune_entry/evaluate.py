@@ -25,6 +25,7 @@ from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.evaluation.perplexity import PplProtocol, perplexity
 from gqaprune.loading import DEMO_ALIAS, load_model_and_tokenizer, resolve_model
 from gqaprune.utils import seed_everything
+from prune_entry import inputs
 from tracking import cli, runs, schema, store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -75,6 +76,8 @@ def run_perplexity(cfg: EvalConfig, model, tokenizer, sources) -> dict:
         proto = PplProtocol(key, p.ppl_split, p.ppl_seq_len, p.ppl_stride, bos, p.ppl_nsamples, cfg.batch_size)
         res = perplexity(model, stream, proto, tokenizer.bos_token_id)
         out[key] = {**res.to_dict(), "source": src, "stream_tokens": int(stream.numel())}
+        runs.log_dataset(inputs.text_input(src, stream, schema.CTX_EVALUATION, key=key, split=p.ppl_split,
+                                           protocol=proto.describe()))
         print(f"  ppl {key}: {res.ppl:.4f}  ({proto.describe()}; {res.tokens} tokens scored)")
     return out
 
@@ -107,6 +110,15 @@ def log_zeroshot(result: zeroshot.ZeroShotResult, title: str) -> None:
     runs.log_table(pd.DataFrame([asdict(s) for s in result.scores]), schema.A_ZS_TABLE)
     if any(s.score is not None for s in result.scores):
         runs.log_figure(zeroshot.accuracy_figure(result, title), schema.A_ZS_FIG)
+
+
+def log_task_inputs(result: zeroshot.ZeroShotResult, task_infos: list[dict], cfg: EvalConfig) -> None:
+    """Each evaluated task as a dataset input (offline tasks: their generated item file)."""
+    files = {i["name"]: str(Path(i["yaml"]).with_suffix(".jsonl")) for i in task_infos}
+    z = cfg.zeroshot
+    for s in result.scores:
+        runs.log_dataset(inputs.task_input(s.task, files.get(s.task), measure=s.measure, num_fewshot=z.num_fewshot,
+                                           limit=z.limit, samples=s.n_samples))
 
 
 def log_speed(facts: speed_mod.ModelFacts, sp: speed_mod.SpeedResult | None) -> None:
@@ -176,6 +188,7 @@ def run(cfg: EvalConfig) -> dict:
                                      convention=z.acc_convention, preferred=preferred, chance=chance,
                                      seed=cfg.seed, device=str(device))
         log_zeroshot(zs, f"{_short(cfg.model_uri)} · {z.num_fewshot or 0}-shot · {z.acc_convention}")
+        log_task_inputs(zs, task_infos, cfg)
     elapsed = time.perf_counter() - t0
     runs.log_metrics({schema.M_EVAL_TIME: elapsed})
     results = {"config": flat(cfg),

@@ -68,6 +68,7 @@ def run(cfg: PruneConfig) -> dict:
     metrics.update(report.log_rates(cfg, spec.alias, outcome))
     metrics.update(report.log_diagnosis(spec.alias, outcome))
     metrics.update(report.log_reconstruction(spec.alias, outcome))
+    report.log_datasets(tokenizer, outcome)
     if cfg.output.save_model:
         report.save_model(model, tokenizer, cfg)
     print(f"pruned {spec.alias} with {outcome.plan.method}: {outcome.params_before:,} -> "

@@ -1,0 +1,485 @@
+"""The study's answers from the store: the best configuration of every model and the five
+cross-model analyses (``analysis.cross_model``), and the per-model consolidation
+(``analysis.consolidate``) — all under the one selection rule of :mod:`analysis.selection`.
+
+A *candidate* is one row of the joined results table (``analysis.query.results_table``) at a
+stage a best is chosen in (``pruned``, ``pruned+LoRA``). ACC is ``zeroshot/mean_acc``; PPL is the
+perplexity on the first perplexity dataset of the row's eval run (``ppl_datasets_run``). A prune
+parameter is *swept* for a method when its value differs between that method's configurations
+anywhere in the selection; a parameter a method does not read keeps its default on every run of
+that method and is therefore never swept for it (it is listed under ``fixed``).
+
+The five analyses, per (target ratio, stage) group:
+
+1. ``best_configs``: each model's best (model, family, variant, method, ACC, PPL, swept values, run ids);
+2. ``base_vs_instruct``: per family, best Instruct − best Base (ΔACC, ΔPPL, absolute and relative
+   to Base), and over *matched* configurations (same method and prune settings in both variants)
+   the mean and sample standard deviation of the per-pair deltas;
+3. ``method_preference``: per method, for how many models it holds the best configuration, and its
+   mean rank (its best configuration ranked against the other methods' bests by the rule);
+4. ``winning_params``: per swept parameter, how many models' bests use each value;
+5. ``family_comparison``: per family, the mean over its Base and Instruct models of the best ACC and PPL.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import mean, stdev
+
+import pandas as pd
+
+from analysis import query, selection
+from analysis.protocol import protocol_of
+from analysis.selection import ACC, Best, BestConfig, Rule, Selection
+from analysis.tables import Table, number, percent, signed
+from tracking import UserError, schema, store
+
+GROUP = [query.PATH, "stage", query.RATIO]          # a best per model, stage and target ratio
+ORDER = ["eval_start_time", "eval_run_id"]           # the final tie-break: evaluated first
+PPL_METRIC, PPL, MODEL = "_ppl_metric", "_ppl", "_model"  # helper columns of the candidate rows
+
+
+def pcol(param: str) -> str:
+    """The candidate-row column of a swept parameter's display value (None: not swept for the method)."""
+    return f"_param:{param}"
+BASE, INSTRUCT = "Base", "Instruct"
+_AXES = {schema.P_METHOD, schema.P_PRUNING_RATIO}
+
+
+@dataclass
+class Study:
+    table: pd.DataFrame               # the whole results table (details), dense rows included
+    rows: pd.DataFrame                # the candidates, with helper columns
+    rule: Rule
+    selection: Selection              # the best of every (model, stage, ratio[, protocol]) group
+    swept: dict[str, list[str]]       # method -> its swept prune parameters
+    params: list[str]                 # every swept parameter (union, sorted)
+    models: pd.DataFrame              # label, model_path, family, variant (one row per model)
+    notes: list[str] = field(default_factory=list)
+
+    def groups(self) -> list[tuple[float, str]]:
+        """The (ratio, stage) groups with at least one candidate, ratio ascending, pruned first."""
+        keys = self.rows[[query.RATIO, "stage"]].drop_duplicates()
+        order = {s: i for i, s in enumerate(selection.STAGES)}
+        return sorted(((float(r), s) for r, s in keys.itertuples(index=False)), key=lambda k: (k[0], order[k[1]]))
+
+    def best_of(self, path: str, ratio: float, stage: str) -> Best | None:
+        return self.selection.of(**{query.PATH: path, "stage": stage, query.RATIO: ratio})
+
+    def bests(self, ratio: float, stage: str) -> list[Best]:
+        """The bests of one group, in model order."""
+        out = [self.best_of(p, ratio, stage) for p in self.models[query.PATH]]
+        return [b for b in out if b is not None]
+
+    def label(self, path: str) -> str:
+        return self.models.set_index(query.PATH).at[path, "label"]
+
+
+# ------------------------------------------------------------------------------ building
+
+def load(experiments=None, include_failed: bool = False, rule: Rule | None = None,
+         notes: list[str] | None = None) -> Study:
+    """The study of the selected experiments (UserError when no eval run can be read)."""
+    notes = [] if notes is None else notes
+    table = query.results_table(experiments, include_failed, notes=notes, details=True)
+    if table.empty:
+        where = f"experiment(s) {', '.join(experiments)}" if experiments else "the store"
+        raise UserError(f"no finished eval runs in {where}",
+                        "evaluate models first: python -m prune_entry.evaluate --model_uri <model or prune run id>")
+    return build(table, rule or Rule(), notes)
+
+
+def model_labels(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model path: label (the alias, ``#2`` when two paths share it), family, variant;
+    by family, Base before Instruct."""
+    models = (table[[query.PATH, query.ALIAS, "family", "variant"]].drop_duplicates(query.PATH)
+              .fillna({"family": "", "variant": ""})
+              .assign(_v=lambda d: (d["variant"] != BASE).astype(int))
+              .sort_values(["family", "_v", query.ALIAS]).drop(columns="_v").reset_index(drop=True))
+    seen: dict[str, int] = {}
+    labels = []
+    for alias in models[query.ALIAS]:
+        seen[alias] = seen.get(alias, 0) + 1
+        labels.append(alias if seen[alias] == 1 else f"{alias}#{seen[alias]}")
+    return models.assign(label=labels)
+
+
+def first_ppl(row) -> str | None:
+    """``ppl/<first dataset>`` of a row's eval run, if it has a value."""
+    runs_ = row.get(schema.P_PPL_RUN)
+    if isinstance(runs_, str) and runs_:
+        name = schema.ppl_metric(runs_.split(",")[0])
+        if name in row and not _nan(row[name]):
+            return name
+    return None
+
+
+def _nan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _swept(rows: pd.DataFrame) -> dict[str, list[str]]:
+    out = {}
+    for method, grp in rows.groupby("method", sort=True):
+        dicts = [d for d in grp[query.PRUNE_PARAMS] if isinstance(d, dict)]
+        keys = sorted(set().union(*dicts) - _AXES - query.PRUNE_IGNORED) if dicts else []
+        out[method] = [k for k in keys if len({query.canon(d.get(k)) for d in dicts}) > 1]
+    return out
+
+
+def build(table: pd.DataFrame, rule: Rule, notes: list[str] | None = None) -> Study:
+    notes = [] if notes is None else notes
+    models = model_labels(table)
+    rows = table[table["stage"].isin(selection.STAGES)].copy()
+    rows[PPL_METRIC] = [first_ppl(r) for _, r in rows.iterrows()]
+    rows[PPL] = [r[m] if m else math.nan for m, (_, r) in zip(rows[PPL_METRIC], rows.iterrows())]
+    rows[MODEL] = rows[query.PATH].map(dict(zip(models[query.PATH], models["label"])))
+    swept = _swept(rows)
+    params = sorted(set().union(*swept.values())) if swept else []
+    for p in params:
+        rows[pcol(p)] = [display(r[query.PRUNE_PARAMS].get(p)) if p in swept.get(r["method"], []) else None
+                         for _, r in rows.iterrows()]
+    names = dict(zip(models[query.PATH], models["label"]))
+
+    def label(g: dict) -> str:
+        return f"{names.get(g[query.PATH], g[query.PATH])} · ratio {g[query.RATIO]:g} · {g['stage']}"
+    sel = selection.select(rows, rule, GROUP, order=ORDER, protocol=protocol_of, label=label)
+    if rows.empty:
+        notes.append("no pruned or pruned+LoRA eval in the selection: there is no configuration to choose from")
+    no_runs = sorted(set(models["label"]) - set(rows[MODEL]))
+    if no_runs and not rows.empty:
+        notes.append(f"no pruned eval for {', '.join(no_runs)} (only dense evals): no best configuration")
+    return Study(table, rows, rule, sel, swept, params, models, notes + sel.notes)
+
+
+def display(value) -> str | None:
+    """A logged param as a table shows it (``128``, ``0.2``, ``none``)."""
+    return None if value is None else query.pretty(query.canon(value))
+
+
+# ------------------------------------------------------------------------------ best entries
+
+def metrics_of(row: pd.Series) -> dict[str, float]:
+    """Every measurement of a candidate row: eval metrics, achieved ratio, parameters, diagnosis."""
+    fixed = set(query.ID_COLUMNS) | set(query.PROTOCOL_COLUMNS) | set(query.RUN_ID_COLUMNS) | set(query.DETAIL_COLUMNS)
+    out = {}
+    for k, v in row.items():
+        if k in fixed and k not in (*query.PRUNE_METRICS, *query.DIAGNOSIS_METRICS):
+            continue
+        if isinstance(k, str) and not k.startswith("_") and not schema.is_protocol_param(k) and isinstance(v, (int, float)) \
+                and not isinstance(v, bool) and not _nan(v):
+            out[k] = float(v)
+    return out
+
+
+def best_config(study: Study, best: Best) -> BestConfig:
+    row = best.row
+    params = row[query.PRUNE_PARAMS] if isinstance(row[query.PRUNE_PARAMS], dict) else {}
+    swept_names = study.swept.get(row["method"], [])
+    swept = {p: selection.typed_value(params.get(p)) for p in swept_names}
+    fixed = {k: selection.typed_value(v) for k, v in sorted(params.items())
+             if k not in swept and k not in _AXES}
+    won = best.metrics()
+    metrics = {**won, **{k: v for k, v in metrics_of(row).items() if k not in won}}
+    protocol = {m: protocol_of(m, row) for m in [k.metric for k in best.keys] if m in row}
+    return BestConfig(model=row[MODEL], model_path=row[query.PATH], family=row["family"], variant=row["variant"],
+                      method=row["method"], pruning_ratio=float(row[query.RATIO]), stage=row["stage"], swept=swept,
+                      fixed=fixed, metrics=metrics, won_by=best.won_by, candidates=best.candidates,
+                      excluded=best.excluded, tied=best.tied, prune_run_id=row["prune_run_id"],
+                      eval_run_id=row["eval_run_id"], finetune_run_id=row["finetune_run_id"] or None,
+                      protocol=protocol)
+
+
+def measured(rows: pd.DataFrame) -> str:
+    """How ACC and PPL of these rows were measured (each distinct protocol once)."""
+    parts = []
+    accs = list(dict.fromkeys(protocol_of(ACC, r) for _, r in rows.iterrows() if not _nan(r.get(ACC))))
+    if accs:
+        parts.append(f"ACC = {ACC}: " + " | ".join(accs))
+    ppls = list(dict.fromkeys(f"{m}: {protocol_of(m, r)}" for m, (_, r) in zip(rows[PPL_METRIC], rows.iterrows()) if m))
+    if ppls:
+        parts.append("PPL = perplexity on the eval's first dataset, " + " | ".join(ppls))
+    return "; ".join(parts) + "." if parts else "No ACC or PPL measured."
+
+
+def _value(best: Best | None, what: str):
+    if best is None:
+        return math.nan
+    return best.row[ACC] if what == "acc" and ACC in best.row else best.row[PPL] if what == "ppl" else math.nan
+
+
+# ------------------------------------------------------------------------------ 1. best configurations
+
+def best_configs(study: Study) -> Table:
+    rows = []
+    override = study.rule.override.metric if study.rule.override else None
+    for ratio, stage in study.groups():
+        for _, m in study.models.iterrows():
+            b = study.best_of(m[query.PATH], ratio, stage)
+            if b is None:
+                continue
+            r = b.row
+            row = {"model": m["label"], "family": m["family"], "variant": m["variant"], "ratio": ratio,
+                   "stage": stage, "method": r["method"], "ACC": r.get(ACC, math.nan), "PPL": r[PPL],
+                   "PPL on": (schema.ppl_dataset(r[PPL_METRIC]) if r[PPL_METRIC] else None)}
+            if override and override not in (ACC, r[PPL_METRIC]):
+                row[override] = r.get(override, math.nan)
+            row.update({p: r.get(pcol(p)) for p in study.params})
+            row.update({"won by": ",".join(b.won_by), "n": b.candidates, "prune run": r["prune_run_id"],
+                        "eval run": r["eval_run_id"]})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    caption = (f"Best configuration of every model at each target pruning ratio and stage. "
+               f"Selection: {study.rule.describe()}. {measured(study.rows)} "
+               f"Swept parameters: {', '.join(study.params) or 'none'} (– = not swept for that method); "
+               f"n = configurations compared; won by = the metrics that separated it from the runner-up.")
+    fmt = {"ratio": lambda v: f"{v:.2f}", "prune run": _short, "eval run": _short, "n": number}
+    return Table(schema.STUDY_BEST, "Best configuration per model", caption, frame, fmt, _notes(study),
+                 group_by="ratio")
+
+
+def _short(run_id) -> str:
+    return str(run_id)[:8] if isinstance(run_id, str) else "–"
+
+
+def _notes(study: Study) -> list[str]:
+    return list(dict.fromkeys(study.notes))
+
+
+# ------------------------------------------------------------------------------ 2. Base vs Instruct
+
+def _members(study: Study, family: str, variant: str) -> list[str]:
+    m = study.models
+    return list(m.loc[(m["family"] == family) & (m["variant"] == variant), query.PATH])
+
+
+def _why_no_best(study: Study, path: str | None, variant: str, family: str, ratio: float, stage: str) -> str:
+    if path is None:
+        return f"no {variant} model of family {family} in the store"
+    label = study.label(path)
+    for g, why in study.selection.missing:
+        if g.get(query.PATH) == path and g.get("stage") == stage and selection._same(g.get(query.RATIO), ratio):
+            return f"{label}: {why}"
+    return f"{label} has no finished {stage} eval at ratio {ratio:g}"
+
+
+def _config_key(row: pd.Series) -> str:
+    params = row[query.PRUNE_PARAMS] if isinstance(row[query.PRUNE_PARAMS], dict) else {}
+    canon = {k: query.canon(v) for k, v in params.items() if k not in query.PRUNE_IGNORED}
+    return repr(sorted({**canon, "_stage": row["stage"]}.items()))
+
+
+def matched_deltas(study: Study, base: str, instruct: str, ratio: float, stage: str) -> dict:
+    """Instruct − Base over configurations run on both (same method, ratio, stage and prune
+    settings; PPL only where both use the same first perplexity dataset)."""
+    rows = study.rows[(study.rows["stage"] == stage) & (study.rows[query.RATIO].sub(ratio).abs() < 1e-12)]
+    b = {(_config_key(r)): r for _, r in rows[rows[query.PATH] == base].iterrows()}
+    i = {(_config_key(r)): r for _, r in rows[rows[query.PATH] == instruct].iterrows()}
+    acc, ppl = [], []
+    for key in sorted(set(b) & set(i)):
+        rb, ri = b[key], i[key]
+        if not _nan(rb.get(ACC)) and not _nan(ri.get(ACC)):
+            acc.append(float(ri[ACC] - rb[ACC]))
+        if rb[PPL_METRIC] and rb[PPL_METRIC] == ri[PPL_METRIC]:
+            ppl.append(float(ri[PPL] - rb[PPL]))
+    spread = lambda xs: stdev(xs) if len(xs) > 1 else math.nan  # noqa: E731
+    return {"matched": len(set(b) & set(i)), "mean ΔACC": mean(acc) if acc else math.nan, "sd ΔACC": spread(acc),
+            "mean ΔPPL": mean(ppl) if ppl else math.nan, "sd ΔPPL": spread(ppl)}
+
+
+def base_vs_instruct(study: Study) -> Table:
+    rows, notes = [], []
+    families = [f for f in dict.fromkeys(study.models["family"]) if f]
+    for ratio, stage in study.groups():
+        for fam in families:
+            bases, instrs = _members(study, fam, BASE), _members(study, fam, INSTRUCT)
+            for variant, members in ((BASE, bases), (INSTRUCT, instrs)):
+                if len(members) > 1:
+                    notes.append(f"family {fam} has {len(members)} {variant} models; the first "
+                                 f"({study.label(members[0])}) is compared")
+            base, instr = (bases[0] if bases else None), (instrs[0] if instrs else None)
+            if base is None and instr is None:
+                continue
+            bb = study.best_of(base, ratio, stage) if base else None
+            bi = study.best_of(instr, ratio, stage) if instr else None
+            if bb is None and bi is None:
+                continue
+            row = {"family": fam, "ratio": ratio, "stage": stage,
+                   "Base": study.label(base) if base else None, "Instruct": study.label(instr) if instr else None,
+                   "ACC Base": _value(bb, "acc"), "ACC Instruct": _value(bi, "acc")}
+            row["ΔACC"] = row["ACC Instruct"] - row["ACC Base"]
+            row["ΔACC %"] = 100 * row["ΔACC"] / row["ACC Base"] if row["ACC Base"] else math.nan
+            same_ppl = bb is not None and bi is not None and bb.row[PPL_METRIC] == bi.row[PPL_METRIC]
+            row.update({"PPL Base": _value(bb, "ppl"), "PPL Instruct": _value(bi, "ppl")})
+            row["ΔPPL"] = row["PPL Instruct"] - row["PPL Base"] if same_ppl else math.nan
+            row["ΔPPL %"] = 100 * row["ΔPPL"] / row["PPL Base"] if same_ppl and row["PPL Base"] else math.nan
+            row.update(matched_deltas(study, base, instr, ratio, stage) if bb is not None and bi is not None
+                       else {"matched": 0, "mean ΔACC": math.nan, "sd ΔACC": math.nan, "mean ΔPPL": math.nan,
+                             "sd ΔPPL": math.nan})
+            missing = [_why_no_best(study, p, v, fam, ratio, stage) for p, v, b in
+                       ((base, BASE, bb), (instr, INSTRUCT, bi)) if b is None]
+            if bb is not None and bi is not None and not same_ppl:
+                missing.append("Base and Instruct were evaluated on different first perplexity datasets")
+            row["missing"] = "; ".join(missing) or None
+            rows.append(row)
+            if missing:
+                notes.append(f"{fam} ratio {ratio:g} {stage}: delta missing: {'; '.join(missing)}")
+    frame = pd.DataFrame(rows)
+    caption = ("Base vs Instruct per family: Δ = best Instruct − best Base (each chosen by the selection rule); "
+               "Δ% = 100·Δ/Base. Matched: configurations run on both variants (same method, ratio, stage and "
+               "prune settings); mean and sample standard deviation (sd) of their per-pair deltas. "
+               f"{measured(study.rows)}")
+    fmt = {"ratio": lambda v: f"{v:.2f}", "ΔACC": signed, "ΔACC %": percent, "ΔPPL": lambda v: signed(v, 2),
+           "ΔPPL %": percent, "mean ΔACC": signed, "mean ΔPPL": lambda v: signed(v, 2), "matched": number}
+    return Table(schema.STUDY_BASE_INSTRUCT, "Base vs Instruct", caption, frame, fmt,
+                 list(dict.fromkeys(notes)), group_by="ratio")
+
+
+# ------------------------------------------------------------------------------ 3. method preference
+
+def method_bests(study: Study) -> Selection:
+    """The best configuration of every method for every model (same rule, method in the group)."""
+    return selection.select(study.rows, study.rule, [*GROUP, "method"], order=ORDER, protocol=protocol_of)
+
+
+def method_ranks(study: Study, per_method: Selection, ratio: float, stage: str) -> dict[str, list[int]]:
+    """method -> its rank (1 = best) for each model of the group that has results of it."""
+    ranks: dict[str, list[int]] = {}
+    for b in study.bests(ratio, stage):
+        path = b.row[query.PATH]
+        own = [m for m in per_method.best if m.group[query.PATH] == path and m.group["stage"] == stage
+               and selection._same(m.group[query.RATIO], ratio)]
+        if not own:
+            continue
+        ranked = selection.rank(pd.DataFrame([m.row for m in own]), b.keys, ORDER)
+        for i, method in enumerate(ranked["method"], 1):
+            ranks.setdefault(method, []).append(i)
+    return ranks
+
+
+def method_preference(study: Study) -> Table:
+    per_method = method_bests(study)
+    rows = []
+    for ratio, stage in study.groups():
+        bests = study.bests(ratio, stage)
+        ranks = method_ranks(study, per_method, ratio, stage)
+        for method in sorted(set(study.rows["method"])):
+            winners = [study.label(b.row[query.PATH]) for b in bests if b.row["method"] == method]
+            r = ranks.get(method, [])
+            rows.append({"ratio": ratio, "stage": stage, "method": method, "wins": len(winners),
+                         "models": len(r), "mean rank": mean(r) if r else math.nan,
+                         "best for": ", ".join(winners) or None})
+    frame = pd.DataFrame(rows)
+    if not frame.empty:
+        frame = frame[frame["models"] > 0].sort_values(["ratio", "stage", "wins", "mean rank"],
+                                                       ascending=[True, True, False, True], kind="stable")
+    caption = ("Method preference: wins = models for which the method holds the best configuration; models = "
+               "models with results of the method; mean rank = the method's best configuration ranked against "
+               f"the other methods' bests of the same model by the selection rule (1 = best), averaged over "
+               f"those models. {study.rule.describe()}.")
+    fmt = {"ratio": lambda v: f"{v:.2f}", "mean rank": lambda v: f"{v:.2f}", "wins": number, "models": number}
+    return Table(schema.STUDY_METHODS, "Method preference", caption, frame.reset_index(drop=True), fmt,
+                 _notes(study), group_by="ratio")
+
+
+# ------------------------------------------------------------------------------ 4. winning parameter values
+
+def winning_params(study: Study) -> Table:
+    rows = []
+    for ratio, stage in study.groups():
+        bests = study.bests(ratio, stage)
+        for p in study.params:
+            counts: dict[str, list[str]] = {}
+            for b in bests:
+                value = b.row.get(pcol(p))
+                if value is not None:
+                    counts.setdefault(value, []).append(study.label(b.row[query.PATH]))
+            for value in sorted(counts, key=_sort_key):
+                rows.append({"ratio": ratio, "stage": stage, "parameter": p, "value": value,
+                             "count": len(counts[value]), "of": sum(p in study.swept.get(b.row["method"], [])
+                                                                    for b in bests),
+                             "models": ", ".join(counts[value])})
+    frame = pd.DataFrame(rows)
+    caption = ("Distribution of the winning parameter values: for each swept prune parameter, how many models' "
+               "best configurations use each value (of = bests whose method sweeps the parameter).")
+    fmt = {"ratio": lambda v: f"{v:.2f}", "count": number, "of": number}
+    return Table(schema.STUDY_PARAMS, "Winning parameter values", caption, frame, fmt, _notes(study),
+                 group_by="parameter")
+
+
+def _sort_key(value: str):
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+# ------------------------------------------------------------------------------ 5. family comparison
+
+def family_comparison(study: Study) -> Table:
+    rows, notes = [], []
+    for ratio, stage in study.groups():
+        for fam in [f for f in dict.fromkeys(study.models["family"]) if f]:
+            paths = list(study.models.loc[study.models["family"] == fam, query.PATH])
+            bests = [b for b in (study.best_of(p, ratio, stage) for p in paths) if b is not None]
+            if not bests:
+                continue
+            accs = [float(b.row[ACC]) for b in bests if ACC in b.row and not _nan(b.row[ACC])]
+            ppl_names = {b.row[PPL_METRIC] for b in bests if b.row[PPL_METRIC]}
+            ppls = [float(b.row[PPL]) for b in bests if b.row[PPL_METRIC]] if len(ppl_names) == 1 else []
+            variants = sorted({b.row["variant"] for b in bests})
+            rows.append({"family": fam, "ratio": ratio, "stage": stage, "models": len(bests),
+                         "variants": "+".join(variants), "mean best ACC": mean(accs) if accs else math.nan,
+                         "mean best PPL": mean(ppls) if ppls else math.nan,
+                         "PPL on": schema.ppl_dataset(next(iter(ppl_names))) if len(ppl_names) == 1 else None})
+            if len(ppl_names) > 1:
+                notes.append(f"{fam} ratio {ratio:g} {stage}: its models' first perplexity datasets differ "
+                             f"({', '.join(sorted(ppl_names))}): no mean PPL")
+            if len(bests) < len(paths) or set(variants) != {BASE, INSTRUCT}:
+                notes.append(f"{fam} ratio {ratio:g} {stage}: mean over {'+'.join(variants)} only")
+    frame = pd.DataFrame(rows)
+    caption = ("Family comparison: per family, the mean over its Base and Instruct models of the best "
+               f"configuration's ACC and PPL (models = how many had a best). {measured(study.rows)}")
+    fmt = {"ratio": lambda v: f"{v:.2f}", "models": number}
+    return Table(schema.STUDY_FAMILIES, "Family comparison", caption, frame, fmt, list(dict.fromkeys(notes)),
+                 group_by="ratio")
+
+
+# ------------------------------------------------------------------------------ all of it
+
+def analyses(study: Study) -> dict[str, Table]:
+    """The five analyses in order (schema.STUDY_ANALYSES)."""
+    return {schema.STUDY_BEST: best_configs(study), schema.STUDY_BASE_INSTRUCT: base_vs_instruct(study),
+            schema.STUDY_METHODS: method_preference(study), schema.STUDY_PARAMS: winning_params(study),
+            schema.STUDY_FAMILIES: family_comparison(study)}
+
+
+def records(frame: pd.DataFrame) -> list[dict]:
+    return selection._json_safe(frame.to_dict(orient="records"))
+
+
+def summary(study: Study, tables: dict[str, Table]) -> dict:
+    """``analysis_summary.json``: the rule, every best in full, each analysis' rows, notes, counts."""
+    bests = [best_config(study, b) for b in study.selection.best]
+    doc = selection.document(study.rule, bests, study.selection.missing, _notes(study))
+    doc.update({name: records(t.frame) for name, t in tables.items() if name != schema.STUDY_BEST})
+    doc[schema.STUDY_BEST] = doc.pop("best")
+    doc["counts"] = {"models": int(study.models.shape[0]),
+                     "models_with_best": len({b.row[query.PATH] for b in study.selection.best}),
+                     "candidates": study.selection.candidates, "excluded": study.selection.excluded}
+    doc["swept"] = study.swept
+    return doc
+
+
+def plan_of(run_id: str) -> dict | None:
+    """The pruning plan JSON of a prune run (None when it has none)."""
+    return store.load_json_artifact(run_id, schema.A_PLAN)
+
+
+def kept_by_layer(plan: dict) -> pd.DataFrame:
+    """Per layer: kept fraction of KV groups and of MLP channels, from a plan's JSON."""
+    rows = []
+    for i, (orig, layer) in enumerate(zip(plan.get("original", []), plan.get("layers", []))):
+        rows.append({"layer": i, "kv_groups": len(layer["kept_kv_groups"]) / max(1, orig["n_kv"]),
+                     "mlp_channels": len(layer["kept_channels"]) / max(1, orig["intermediate"])})
+    return pd.DataFrame(rows)
