@@ -275,16 +275,44 @@ def _method_colors(p: Pivot) -> dict[str, str]:
     return {m: f"C{i % 10}" for i, m in enumerate(methods)}
 
 
-def ratio_figure(p: Pivot):
+def _best_lines(p: Pivot, per_method, path: str, col: str):
+    """(label, method, stage, xs, ys) per method and stage: the metric of each method's best
+    configuration (selection rule) at each ratio; the dense eval starts each line at ratio 0."""
+    cells = p.long[p.long[PATH] == path]
+    by_eval = cells.drop_duplicates("eval_run_id").set_index("eval_run_id")
+    lines: dict[tuple, list] = {}
+    for b in per_method.best:
+        if b.group[PATH] == path and b.row["eval_run_id"] in by_eval.index:
+            value = by_eval.at[b.row["eval_run_id"], col]
+            if not pd.isna(value):
+                lines.setdefault((b.row["method"], b.group["stage"]), []).append((b.group[RATIO], value))
+    dense = cells[cells["stage"] == schema.LABEL_DENSE]
+    start = 0.0 if col == "relative_pct" else (dense["value"].iloc[0] if not dense.empty else None)
+    for (method, stage), pts in sorted(lines.items()):
+        pts = sorted(pts) if start is None else [(0.0, start), *sorted(pts)]
+        label = method + (" +LoRA" if stage == schema.LABEL_PRUNED_LORA else "")
+        yield label, method, stage, [x for x, _ in pts], [y for _, y in pts]
+
+
+def _many_settings(p: Pivot) -> bool:
+    return "setting" in shown_levels(p.long)
+
+
+def ratio_figure(p: Pivot, study=None):
     """Metric vs pruning ratio: one panel per model, one line per method (dashed: +LoRA); one
-    legend outside the panels (one colour per method)."""
+    legend below the panels, one colour per method. With a grid of settings (and a study), each
+    line is the method's best configuration per ratio under the selection rule, so the figure
+    stays readable however many settings were swept (the table lists them all)."""
     models = list(p.models["label"])
     ncols = min(3, len(models))
     fig, axes = figures.figure(math.ceil(len(models) / ncols), ncols)
     colors = _method_colors(p)
+    best = study is not None and _many_settings(p)
+    per_method = study_mod.method_bests(study) if best else None
     for ax, (_, m) in zip(axes.flat, p.models.iterrows()):
         cells = p.long[p.long["model"] == m["label"]]
-        for label, method, stage, xs, ys in _lines(cells, "value"):
+        lines = _best_lines(p, per_method, m[PATH], "value") if best else _lines(cells, "value")
+        for label, method, stage, xs, ys in lines:
             ax.plot(xs, ys, "--" if stage == schema.LABEL_PRUNED_LORA else "-", marker="o", ms=3, label=label,
                     color=colors[method])
         for _, d in cells[cells["stage"] == schema.LABEL_DENSE].iterrows():
@@ -295,8 +323,10 @@ def ratio_figure(p: Pivot):
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
     figures.legend(fig, figures.collect(axes))
+    what = (f". Lines: each method's best configuration per ratio (selection rule {study.rule.select_by}); "
+            "every configuration is in the table." if best else "")
     figures.title(fig, f"{describe(p.metric)}. " + "; ".join(
-        f"{k + ': ' if k else ''}{v}" for k, v in p.protocols.items()))
+        f"{k + ': ' if k else ''}{v}" for k, v in p.protocols.items()) + what)
     return fig
 
 
@@ -313,7 +343,6 @@ def base_instruct_figure(p: Pivot, study):
     fams = families_with_both(p)
     colors = _method_colors(p)
     per_method = study_mod.method_bests(study)
-    by_eval = p.long.set_index("eval_run_id")
     fig, axes = figures.figure(1, len(fams), width=4.8, height=3.6)
     for ax, fam in zip(axes.flat, fams):
         members = p.models[(p.models["family"] == fam) & p.models["variant"].isin(["Base", "Instruct"])]
@@ -321,21 +350,10 @@ def base_instruct_figure(p: Pivot, study):
         relative = cells[cells["stage"] != schema.LABEL_DENSE]["relative_pct"].notna().all()
         col = "relative_pct" if relative else "value"
         for _, m in members.iterrows():
-            lines: dict[tuple, list] = {}
-            for b in per_method.best:
-                if b.group[PATH] != m[PATH] or b.row["eval_run_id"] not in by_eval.index:
-                    continue
-                cell = by_eval.loc[b.row["eval_run_id"]]
-                cell = cell.iloc[0] if isinstance(cell, pd.DataFrame) else cell
-                lines.setdefault((b.row["method"], b.group["stage"]), []).append((b.group[RATIO], cell[col]))
-            for (method, stage), pts in sorted(lines.items()):
-                pts = sorted(pts)
-                if relative:
-                    pts = [(0.0, 0.0), *pts]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], "-" if m["variant"] == "Base" else "--",
+            for label, method, stage, xs, ys in _best_lines(p, per_method, m[PATH], col):
+                ax.plot(xs, ys, "-" if m["variant"] == "Base" else "--",
                         marker="o" if stage == schema.LABEL_PRUNED else "s", ms=3, color=colors.get(method, "C0"),
-                        alpha=1.0 if stage == schema.LABEL_PRUNED else 0.6,
-                        label=f"{method}{' +LoRA' if stage == schema.LABEL_PRUNED_LORA else ''}")
+                        alpha=1.0 if stage == schema.LABEL_PRUNED else 0.6, label=label)
         ax.plot([], [], "-", color="gray", label="Base (solid)")
         ax.plot([], [], "--", color="gray", label="Instruct (dashed)")
         figures.ax_title(ax, f"{fam}: Base vs Instruct · {p.metric}")
@@ -410,7 +428,7 @@ def write_outputs(p: Pivot, out: Path | None, study=None) -> dict[str, str]:
         runs.log_text(text, name)
     runs.log_table(flat_csv(p.values), f"{base}.csv")
     runs.log_table(flat_csv(p.relative), f"{base}_relative.csv")
-    figs = {f"{base}.png": ratio_figure(p)}
+    figs = {f"{base}.png": ratio_figure(p, study)}
     if families_with_both(p) and study is not None:
         figs[schema.A_BASE_INSTRUCT_FIG.format(metric=slug(p.metric))] = base_instruct_figure(p, study)
     if out is not None:

@@ -36,13 +36,18 @@ def figure(nrows: int, ncols: int, width: float = 4.2, height: float = 3.2):
 
 
 def legend(fig, handles_labels: list[tuple]) -> None:
-    """One figure legend outside the axes, each label once (first handle wins)."""
+    """One figure legend below the axes (outside the data, clear of the title), each label once
+    (first handle wins), in as many columns as the canvas width holds."""
     seen: dict[str, object] = {}
     for handle, label in handles_labels:
         if label and not label.startswith("_") and label not in seen:
             seen[label] = handle
-    if seen:
-        fig.legend(list(seen.values()), list(seen), loc="outside right upper", fontsize=7, frameon=False)
+    if not seen:
+        return
+    labels = ["\n".join(textwrap.wrap(lb, 60)) for lb in seen]
+    widest = max(max(len(line) for line in lb.split("\n")) for lb in labels) * 0.6 * 7 + 40   # points
+    ncols = max(1, min(len(labels), int(fig.get_figwidth() * 72 * 0.9 // widest)))
+    fig.legend(list(seen.values()), labels, loc="outside lower center", ncols=ncols, fontsize=7, frameon=False)
 
 
 def collect(axes) -> list[tuple]:
@@ -111,16 +116,17 @@ def base_instruct_bars(study: Study, table: pd.DataFrame):
                 xs = [i + (k - 0.5) * 0.38 for i in range(len(fams))]
                 ok = [(x, v) for x, v in zip(xs, values) if _finite(v)]
                 if ok:
-                    ax.bar([x for x, _ in ok], [v for _, v in ok], width=0.36, color=VARIANT_COLORS[variant],
-                           label=variant)
+                    ax.bar([x for x, _ in ok], [v for _, v in ok], width=0.36, color=VARIANT_COLORS[variant])
                 for x, v in zip(xs, values):
                     if not _finite(v):
                         ax.text(x, 0, "n/a", ha="center", va="bottom", fontsize=7, color="gray")
             ax.set_xticks(range(len(fams)), fams, fontsize=8)
+            ax.set_xlim(-0.6, len(fams) - 0.4)
             metric = ACC if what == "ACC" else "PPL (first perplexity dataset)"
             ax.set_ylabel(metric, fontsize=8)
             ax_title(ax, f"{what} of each variant's best · {group_text(ratio, stage)} ({better})")
-    legend(fig, collect(axes))
+    from matplotlib.patches import Patch
+    legend(fig, [(Patch(color=c), v) for v, c in VARIANT_COLORS.items()])
     title(fig, "Base vs Instruct per family: the best configuration of each model (selection rule: "
                f"{study.rule.select_by}); n/a = no best (see the base_vs_instruct table)")
     return fig
@@ -138,7 +144,8 @@ def winning_params(study: Study, table: pd.DataFrame):
             if part.empty:
                 empty(ax, "no swept parameter" if p is None else f"no best sweeps {p}")
                 continue
-            ax.bar(range(len(part)), part["count"], color="C0", label="models whose best uses the value")
+            ax.bar(range(len(part)), part["count"], width=0.6, color="C0", label="models whose best uses the value")
+            ax.set_xlim(-0.6, max(len(part), 2) - 0.4)
             ax.set_xticks(range(len(part)), [str(v) for v in part["value"]], fontsize=8)
             ax.set_ylim(0, max(part["of"].max(), 1) + 0.5)
             ax.yaxis.get_major_locator().set_params(integer=True)
@@ -237,6 +244,7 @@ def kept_layers(study: Study):
         ax.plot([], [], "-o", color="gray", label="KV groups kept (solid)")
         ax.plot([], [], "--s", color="gray", label="MLP channels kept (dashed)")
         ax.set_ylim(0, 1.05)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel("kept fraction", fontsize=8)
         ax_title(ax, f"kept fraction per layer of each best · {group_text(ratio, stage)}")

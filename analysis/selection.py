@@ -211,7 +211,12 @@ def select(frame: pd.DataFrame, rule: Rule, group: Sequence[str], *, order: Sequ
     for values, rows in frame.groupby(list(group), sort=False, dropna=False):
         values = values if isinstance(values, tuple) else (values,)
         g = dict(zip(group, values))
-        for sub_label, sub in _by_protocol(rows, rule, protocol):
+        parts = list(_by_protocol(rows, rule, protocol))
+        if len(parts) > 1:
+            out.notes.append(f"{label(g)}: evaluated under {len(parts)} protocols of the deciding metric; "
+                             "configurations are compared within each (one best per protocol; tables show "
+                             "the first)")
+        for sub_label, sub in parts:
             _select_group(out, {**g, **({"protocol": sub_label} if sub_label else {})}, sub, rule, order, label)
     if out.excluded:
         out.notes.append(f"{out.excluded} configuration(s) without the deciding metric were excluded from the "

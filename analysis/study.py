@@ -159,15 +159,20 @@ def display(value) -> str | None:
 
 # ------------------------------------------------------------------------------ best entries
 
+MODEL_METRICS = (schema.M_MODEL_PARAMS, schema.M_MODEL_DISK_MB, schema.M_SPEED_PREFILL, schema.M_SPEED_DECODE,
+                 schema.M_SPEED_LATENCY, schema.M_SPEED_PEAK_MEM)
+
+
 def metrics_of(row: pd.Series) -> dict[str, float]:
-    """Every measurement of a candidate row: eval metrics, achieved ratio, parameters, diagnosis."""
-    fixed = set(query.ID_COLUMNS) | set(query.PROTOCOL_COLUMNS) | set(query.RUN_ID_COLUMNS) | set(query.DETAIL_COLUMNS)
+    """The measurements a best is reported with: ACC, every perplexity, each task's score (the
+    measure the eval used), achieved ratio, parameters, gradient diagnosis, size and speed."""
+    tasks = schema.zeroshot_task_metrics(row.get(schema.P_TASK_MEASURES)).values()
+    names = [ACC, *sorted(k for k in row.index if isinstance(k, str) and schema.is_ppl(k)), *tasks,
+             *query.PRUNE_METRICS, *query.DIAGNOSIS_METRICS, *MODEL_METRICS]
     out = {}
-    for k, v in row.items():
-        if k in fixed and k not in (*query.PRUNE_METRICS, *query.DIAGNOSIS_METRICS):
-            continue
-        if isinstance(k, str) and not k.startswith("_") and not schema.is_protocol_param(k) and isinstance(v, (int, float)) \
-                and not isinstance(v, bool) and not _nan(v):
+    for k in names:
+        v = row.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not _nan(v):
             out[k] = float(v)
     return out
 
@@ -376,7 +381,7 @@ def method_preference(study: Study) -> Table:
     caption = ("Method preference: wins = models for which the method holds the best configuration; models = "
                "models with results of the method; mean rank = the method's best configuration ranked against "
                f"the other methods' bests of the same model by the selection rule (1 = best), averaged over "
-               f"those models. {study.rule.describe()}.")
+               f"those models. Selection: {study.rule.describe()}.")
     fmt = {"ratio": lambda v: f"{v:.2f}", "mean rank": lambda v: f"{v:.2f}", "wins": number, "models": number}
     return Table(schema.STUDY_METHODS, "Method preference", caption, frame.reset_index(drop=True), fmt,
                  _notes(study), group_by="ratio")
@@ -388,8 +393,9 @@ def winning_params(study: Study) -> Table:
     rows = []
     for ratio, stage in study.groups():
         bests = study.bests(ratio, stage)
+        rows_ = study.rows[(study.rows[query.RATIO].sub(ratio).abs() < 1e-12) & (study.rows["stage"] == stage)]
         for p in study.params:
-            counts: dict[str, list[str]] = {}
+            counts: dict[str, list[str]] = {v: [] for v in rows_[pcol(p)].dropna().unique()}  # every swept value
             for b in bests:
                 value = b.row.get(pcol(p))
                 if value is not None:
@@ -398,10 +404,10 @@ def winning_params(study: Study) -> Table:
                 rows.append({"ratio": ratio, "stage": stage, "parameter": p, "value": value,
                              "count": len(counts[value]), "of": sum(p in study.swept.get(b.row["method"], [])
                                                                     for b in bests),
-                             "models": ", ".join(counts[value])})
+                             "models": ", ".join(counts[value]) or None})
     frame = pd.DataFrame(rows)
-    caption = ("Distribution of the winning parameter values: for each swept prune parameter, how many models' "
-               "best configurations use each value (of = bests whose method sweeps the parameter).")
+    caption = ("Distribution of the winning parameter values: for each swept prune parameter and each value it "
+               "took, how many models' best configurations use it (of = bests whose method sweeps the parameter).")
     fmt = {"ratio": lambda v: f"{v:.2f}", "count": number, "of": number}
     return Table(schema.STUDY_PARAMS, "Winning parameter values", caption, frame, fmt, _notes(study),
                  group_by="parameter")

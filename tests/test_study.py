@@ -352,6 +352,8 @@ def test_export_register_and_models_uri(in_real, tmp_path):
     assert float(v1.tags[PPL]) == pytest.approx(t["Llama"]["best"]["ppl"], rel=1e-5)
     assert cross_model.main([*args, "--register", "true"]) == 0   # a new version per call
     assert client.get_model_version(schema.registered_model_name("Llama"), "2").run_id == v1.run_id
+    resolved = store.resolve_model_source(f"models:/{schema.registered_model_name('Llama')}/2")
+    assert resolved.source_run_id == v1.run_id and (Path(resolved.local_path) / "config.json").is_file()
     # models:/<name>/<version> evaluates, and the eval is linked to the prune run
     eval_args = in_real["eval_args"].replace(f"--tasks {TASK}", "--tasks none").split()
     assert evaluate.main(["--model_uri", f"models:/{schema.registered_model_name('Llama')}/1", *eval_args]) == 0
@@ -556,7 +558,7 @@ def test_select_by_override_changes_the_best(in_known):
 def test_select_by_a_metric_no_run_has_gives_partial_results(in_known, tmp_path, capsys):
     out = tmp_path / "r"
     code = cross_model.main(["--experiments", in_known["experiment"], "--select_by", "ppl/c4:min",
-                             "--output_dir", str(out)])
+                             "--metric", "ppl/wiki", "--output_dir", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
     assert "no configuration has ppl/c4 (--select_by ppl/c4:min): no best is chosen" in printed
@@ -629,3 +631,25 @@ def test_finetune_examples_digest_covers_ids_and_labels(tmp_path):
     f.write_text('{"text": "x"}\n')
     local = inputs.examples_input("train.jsonl", str(f), a)
     assert local.local and local.source == str(f.resolve()) and local.profile == {"examples": 1}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs" / "sweeps").glob("study_*.yaml")))
+def test_study_configs_are_the_study(name):
+    sweep = search.parse(["--config", str(REPO / "configs" / "sweeps" / name), "--dry_run", "true"])
+    cfg = sweep.config
+    assert cfg.methods == ("taylor", "layerwise", "blockwise") and cfg.ratios == (0.2,) and cfg.rule == Rule()
+    assert cfg.eval and cfg.eval_dense and len(cfg.models) == 1 and len(sweep.dense) == 1
+    if name == "study_demo.yaml":
+        assert cfg.grid == {"taylor_seq_len": ("32", "64"), "taylor_num_samples": ("4", "16")}
+        assert len(sweep.points) == 12
+        return
+    assert cfg.models[0] in ALIASES
+    assert cfg.grid == {"taylor_seq_len": ("32", "64", "128", "256"),
+                        "taylor_num_samples": ("4", "64", "128", "256", "512")}
+    assert len(sweep.points) == 60 and all(len(p.grid) == 2 for p in sweep.points)   # every method reads both
+    assert sweep.points[0].eval.ppl.ppl_datasets.split(",")[0] == "wikitext2"
+
+
+def test_study_configs_cover_the_six_models():
+    models = {yaml.safe_load(p.read_text())["models"][0] for p in (REPO / "configs" / "sweeps").glob("study_*.yaml")}
+    assert models == set(ALIASES) | {"demo"}
