@@ -52,17 +52,28 @@ class PeakRSS:
         self.mb = (self.peak - self.base) / 2**20
 
 
-def best_of(fn, repeats):
-    """(best wall time, peak RSS growth in MB of the first call)."""
-    times, peak = [], None
+def timed(fn) -> tuple[float, float]:
+    """(wall time, peak RSS growth in MB) of one call."""
+    gc.collect()
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        fn()
+        elapsed = time.perf_counter() - t0
+    return elapsed, mem.mb
+
+
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Each function once per round, rounds repeated: (best time, peak MB of the first round) per
+    name. Interleaving makes a machine that gets busier during the run slow both alike, so the
+    ratio does not drift."""
+    out = {name: ([], None) for name in fns}
     for _ in range(repeats):
-        gc.collect()
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        peak = mem.mb if peak is None else peak
-    return min(times), peak
+        for name, fn in fns.items():
+            t, mb = timed(fn)
+            times, peak = out[name]
+            times.append(t)
+            out[name] = (times, mb if peak is None else peak)
+    return {name: (min(times), peak) for name, (times, peak) in out.items()}
 
 
 def bench(name: str, samples: int, seq_len: int, batch_size: int, repeats: int) -> dict:
@@ -71,8 +82,9 @@ def bench(name: str, samples: int, seq_len: int, batch_size: int, repeats: int) 
     source = "demo" if name == "demo" else str(SHARED_STORIES.parent.parent / "data" / "tinystories" / "tinystories_dev.txt")
     batches = data.calibration_batches(tok, source, samples, seq_len, seed=0)
     plain_fwd_bwd(model, batches[:batch_size], batch_size)        # warm-up
-    floor, floor_mb = best_of(lambda: plain_fwd_bwd(model, batches, batch_size), repeats)
-    taylor, taylor_mb = best_of(lambda: taylor_scores(model, batches, batch_size=batch_size), repeats)
+    res = interleaved({"floor": lambda: plain_fwd_bwd(model, batches, batch_size),
+                       "taylor": lambda: taylor_scores(model, batches, batch_size=batch_size)}, repeats)
+    (floor, floor_mb), (taylor, taylor_mb) = res["floor"], res["taylor"]
     return {"model": name, "samples": samples, "seq_len": seq_len, "floor_s": floor,
             "taylor_s": taylor, "ratio": taylor / floor, "floor_mb": floor_mb, "taylor_mb": taylor_mb,
             "params": sum(p.numel() for p in model.parameters())}
@@ -95,7 +107,8 @@ def main() -> None:
         print(f"{Path(r['model']).name:<16}{r['params']:>10,}{r['floor_s']:>11.3f}{r['taylor_s']:>10.3f}"
               f"{r['ratio']:>7.2f}{r['floor_mb']:>12.1f}{r['taylor_mb']:>11.1f}")
     print(f"({args.samples} samples x {args.seq_len} tokens, batch {args.batch_size}; time: best of "
-          f"{args.repeats}; memory: peak resident-set growth during the first call)")
+          f"{args.repeats} rounds, each round timing fwd+bwd then taylor (interleaved); memory: peak "
+          f"resident-set growth during the first round)")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 from gqaprune.arch import (BIAS_KEYS, CFG_BASE_MODEL_TYPE, LAYER_SIZE_KEYS, REMOTE_PREFIX,
                            base_model_type)
+from gqaprune.errors import UserError
 from gqaprune.remote import modeling_gqaprune as remote
 from gqaprune.structured.units import model_shapes
 
@@ -29,18 +30,31 @@ def needs_remote_code(model) -> bool:
     shapes = model_shapes(model)
     uniform = len({(s.n_heads, s.n_kv, s.intermediate) for s in shapes}) == 1
     divisible = shapes[0].hidden % shapes[0].n_heads == 0
-    added_bias = any(any(getattr(model.config, key, None) or []) for key in BIAS_KEYS)
-    return not (uniform and divisible) or added_bias
+    return not (uniform and divisible) or _added_bias(model.config)
 
 
-def _remote_config(cfg: dict, base: str) -> dict:
+def _remote_config(cfg: dict, base: str, own_type: bool) -> dict:
+    """The remote-code form of a config dict.
+
+    Default: the stock ``model_type`` (so ``AutoConfig`` / ``AutoTokenizer`` load it without custom
+    code and never ask "run custom code?") and ``auto_map`` for ``AutoModelForCausalLM`` only: the
+    model needs ``trust_remote_code=True``, the tokenizer and config do not. A plain load of the
+    model without it fails loudly on the per-layer sizes. ``own_type`` (o_proj / down_proj biases
+    added by reconstruction, sizes possibly uniform): a ``gqaprune_<base>`` model_type and config
+    class, so that no stock class can load the weights silently without those biases.
+    """
     conf_cls, model_cls = remote.CLASSES[base]
     module = REMOTE_FILE.removesuffix(".py")
-    cfg.update(model_type=conf_cls.model_type, architectures=[model_cls.__name__],
-               **{CFG_BASE_MODEL_TYPE: base},
-               auto_map={"AutoConfig": f"{module}.{conf_cls.__name__}",
-                         "AutoModelForCausalLM": f"{module}.{model_cls.__name__}"})
+    auto_map = {"AutoModelForCausalLM": f"{module}.{model_cls.__name__}"}
+    if own_type:
+        auto_map["AutoConfig"] = f"{module}.{conf_cls.__name__}"
+    cfg.update(model_type=conf_cls.model_type if own_type else base, architectures=[model_cls.__name__],
+               **{CFG_BASE_MODEL_TYPE: base}, auto_map=auto_map)
     return cfg
+
+
+def _added_bias(config) -> bool:
+    return any(any(getattr(config, key, None) or []) for key in BIAS_KEYS)
 
 
 def save_model(model, tokenizer, out_dir: str | Path) -> dict:
@@ -56,7 +70,7 @@ def save_model(model, tokenizer, out_dir: str | Path) -> dict:
         if base not in remote.CLASSES:
             raise ValueError(f"cannot write remote code for model_type {base}")
         cfg_path = out / "config.json"
-        cfg = _remote_config(json.loads(cfg_path.read_text()), base)
+        cfg = _remote_config(json.loads(cfg_path.read_text()), base, own_type=_added_bias(model.config))
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         shutil.copyfile(Path(remote.__file__), out / REMOTE_FILE)
     return {"format": "remote_code" if remote_form else "vanilla", "path": str(out)}
@@ -68,12 +82,28 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, local_files
 
     cfg_path = Path(path) / "config.json"
     if cfg_path.is_file():
-        cfg = json.loads(cfg_path.read_text())
-        if str(cfg.get("model_type", "")).startswith(REMOTE_PREFIX):
+        cfg = read_config(cfg_path)
+        if str(cfg.get("model_type", "")).startswith(REMOTE_PREFIX):   # own config type (biases; older releases)
             _, model_cls = remote.CLASSES[cfg.get(CFG_BASE_MODEL_TYPE) or
                                           cfg["model_type"].removeprefix(REMOTE_PREFIX)]
             return model_cls.from_pretrained(str(path), dtype=dtype)
+        if cfg.get(CFG_BASE_MODEL_TYPE) in remote.CLASSES:              # stock config type, our layers
+            base = cfg[CFG_BASE_MODEL_TYPE]
+            config = remote.STOCK_CONFIGS[base].from_pretrained(str(path))
+            return remote.CLASSES[base][1].from_pretrained(str(path), config=config, dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=local_files_only)
+
+
+def read_config(cfg_path: Path) -> dict:
+    """A model folder's config.json as a dict; anything else is bad input (one-line UserError)."""
+    fix = "the folder needs the config.json a Hugging Face model was saved with"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise UserError(f"'{cfg_path}' is not valid JSON ({str(exc).splitlines()[0][:120]})", fix) from exc
+    if not isinstance(cfg, dict):
+        raise UserError(f"'{cfg_path}' holds a JSON {type(cfg).__name__}, not a model config (an object)", fix)
+    return cfg
 
 
 def layer_sizes(config) -> dict:

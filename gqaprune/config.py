@@ -190,7 +190,7 @@ def _build(cls, values: dict):
         tp = hints[f.name]
         if is_section(tp):
             kwargs[f.name] = _build(tp, values)
-        elif f.name in values:
+        elif f.name in values and "knob" in f.metadata:    # plain fields are set by code, not by flags
             kwargs[f.name] = values[f.name]
     return cls(**kwargs)
 

@@ -47,16 +47,27 @@ def load_alias_file(path: str | os.PathLike) -> dict[str, ModelSpec]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"model aliases file '{p}' not found", "pass an existing JSON or YAML file")
-    text = p.read_text()
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-        raw = yaml.safe_load(text) or {}
-    else:
-        raw = json.loads(text)
+    fix = "write {alias: {path: ..., family: ..., variant: ...}} or {alias: path} as JSON or YAML"
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            raw = yaml.safe_load(text) or {}
+        else:
+            raw = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as exc:      # JSONDecodeError is a ValueError
+        raise UserError(f"model aliases file '{p}' is not valid {'YAML' if p.suffix in ('.yaml', '.yml') else 'JSON'} "
+                        f"({str(exc).splitlines()[0][:120]})", fix) from exc
+    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and friends
+        raise UserError(f"model aliases file '{p}' could not be parsed ({str(exc).splitlines()[0][:120]})", fix) from exc
+    if not isinstance(raw, dict):
+        raise UserError(f"model aliases file '{p}' holds a {type(raw).__name__}, not a mapping of aliases", fix)
     out = {}
     for alias, entry in raw.items():
         if isinstance(entry, str):
             entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise UserError(f"model aliases file '{p}': entry '{alias}' has no path", fix)
         base = BUILTIN_ALIASES.get(alias)
         out[alias] = ModelSpec(alias, entry["path"],
                                entry.get("family", base.family if base else "custom"),
@@ -137,6 +148,8 @@ class RuntimeConfig(Section):
     dtype: str = knob("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16",
                       choices=("auto", *_DTYPES), kind="dtype")
     device: str = knob("auto", "auto | cpu | cuda | cuda:N")
+    verbose: bool = knob(False, "show the known-harmless library warnings that are hidden and summarised "
+                         "by default (also GQAPRUNE_VERBOSE=1)")
 
     def resolved(self) -> tuple[torch.device, torch.dtype]:
         device = resolve_device(self.device)
@@ -180,11 +193,31 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32
                                                   local_files_only=offline)
     except UserError:
         raise
-    except ValueError as exc:  # e.g. a model folder without any tokenizer files
+    except Exception as exc:  # noqa: BLE001 - truncated / corrupt weights (safetensors, torch) and friends
+        if not _unreadable_weights(exc):
+            _reraise_loading(exc, path)
+        raise UserError(f"the model weights in '{path}' are unreadable ({str(exc).splitlines()[0][:160]})",
+                        "the checkpoint is truncated or corrupt: download / copy it again") from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    check_architecture(model)
+    return model.to(device).eval(), tokenizer
+
+
+def _unreadable_weights(exc: BaseException) -> bool:
+    """A truncated or corrupt weights file (safetensors header / size errors, torch unpickling)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(k in text for k in ("safetensor", "deserializ", "incomplete metadata", "invalid header",
+                                   "unexpected eof", "pytorchstreamreader", "file too small"))
+
+
+def _reraise_loading(exc: BaseException, path: str):
+    """Loading errors a user can fix, as one-line UserErrors; anything else is a bug (re-raised)."""
+    if isinstance(exc, ValueError):   # e.g. a model folder without any tokenizer files
         raise UserError(f"could not load the model or tokenizer from '{path}': "
                         f"{str(exc).splitlines()[0][:200]}",
                         "check the folder holds config.json, weights and tokenizer files") from exc
-    except OSError as exc:
+    if isinstance(exc, OSError):
         if Path(path).exists():
             raise UserError(f"could not load model files from '{path}': {str(exc).splitlines()[0]}",
                             "check the folder holds config.json, weights and a tokenizer") from exc
@@ -192,7 +225,4 @@ def load_model_and_tokenizer(spec: ModelSpec, dtype: torch.dtype = torch.float32
             f"model '{path}' could not be fetched from the Hugging Face hub",
             "download it first (huggingface-cli download) and pass the local directory, "
             "or map the alias to it in a models file (GQAPRUNE_MODELS)") from exc
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    check_architecture(model)
-    return model.to(device).eval(), tokenizer
+    raise exc

@@ -64,30 +64,31 @@ def run(cfg: PruneConfig) -> dict:
     reset_peak_memory(device)
     outcome = prune(model, tokenizer, cfg, model_alias=spec.alias, model_path=spec.path, inputs=inputs)
     runs.log_params({schema.P_CALIBRATION_RESOLVED: outcome.calibration_source})
-    metrics = report.log_plan(spec.alias, outcome, peak_memory_mb(device))
-    metrics.update(report.log_rates(cfg, spec.alias, outcome))
-    metrics.update(report.log_diagnosis(spec.alias, outcome))
-    metrics.update(report.log_reconstruction(spec.alias, outcome))
-    report.log_datasets(tokenizer, outcome)
+    report.log_data_sources(outcome.data_sources)
+    if outcome.sparsity is not None:
+        metrics = report.log_sparsity(spec.alias, outcome, peak_memory_mb(device))
+    elif outcome.joint is not None:
+        metrics = report.log_joint(cfg, spec.alias, outcome, peak_memory_mb(device))
+    else:
+        metrics = report.log_structured(cfg, spec.alias, outcome, peak_memory_mb(device))
+    report.log_datasets(tokenizer, cfg, outcome)
     if cfg.output.save_model:
         report.save_model(model, tokenizer, cfg)
-    print(f"pruned {spec.alias} with {outcome.plan.method}: {outcome.params_before:,} -> "
-          f"{outcome.params_after:,} parameters; {metrics[schema.M_ACHIEVED_RATIO]:.1%} of prunable "
-          f"parameters removed (target {cfg.structured.pruning_ratio:.0%}) in {outcome.timings.total_s:.1f}s")
     return metrics
 
 
 def run_name(cfg: PruneConfig) -> str:
-    return schema.run_name(schema.STAGE_PRUNE, Path(cfg.model.model).name, cfg.method_label,
-                           cfg.structured.pruning_ratio)
+    return schema.run_name(schema.STAGE_PRUNE, Path(cfg.model.model).name, cfg.method_label, cfg.ratio)
 
 
-def run_child(cfg: PruneConfig, extra_tags: Mapping[str, str] | None = None) -> str:
-    """Prune as a nested child of the active MLflow run (e.g. one point of a search); return its
-    run id. Bad input marks the child FAILED and raises :class:`UserError`. ``extra_tags`` are set
-    on the child from its start (see :func:`tracking.runs.child_run`)."""
+def run_child(cfg: PruneConfig, extra_tags: Mapping[str, str] | None = None,
+              parent_run_id: str | None = None) -> str:
+    """Prune as a nested child of the active MLflow run, or of ``parent_run_id`` (a Ray worker has
+    no active run), e.g. one point of a search; return its run id. Bad input marks the child
+    FAILED and raises :class:`UserError`. ``extra_tags`` are set on the child from its start (see
+    :func:`tracking.runs.child_run`)."""
     return runs.child_run(schema.STAGE_PRUNE, lambda: _checked(cfg), run, run_name=run_name, tags=tags_of,
-                          raw_params=flat(cfg), extra_tags=extra_tags)
+                          raw_params=flat(cfg), extra_tags=extra_tags, parent_run_id=parent_run_id)
 
 
 def _checked(cfg: PruneConfig) -> PruneConfig:

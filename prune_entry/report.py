@@ -118,6 +118,102 @@ def log_reconstruction(alias: str, outcome: PruneOutcome) -> dict:
     return metrics
 
 
+def log_structured(cfg: PruneConfig, alias: str, outcome: PruneOutcome, peak_mb: float) -> dict:
+    """Structured methods: plan, rates, diagnosis and reconstruction, then the console summary."""
+    metrics = log_plan(alias, outcome, peak_mb)
+    runs.set_tags({schema.TAG_RATIO_KIND: schema.RATIO_STRUCTURED})
+    metrics.update(log_rates(cfg, alias, outcome))
+    metrics.update(log_diagnosis(alias, outcome))
+    metrics.update(log_reconstruction(alias, outcome))
+    print(f"pruned {alias} with {outcome.plan.method}: {outcome.params_before:,} -> "
+          f"{outcome.params_after:,} parameters; {metrics[schema.M_ACHIEVED_RATIO]:.1%} of prunable "
+          f"parameters removed (target {cfg.structured.pruning_ratio:.0%}) in {outcome.timings.total_s:.1f}s")
+    return metrics
+
+
+def log_joint(cfg: PruneConfig, alias: str, outcome: PruneOutcome, peak_mb: float) -> dict:
+    """obs: the plan as every structured run, then removed units and OBS errors per layer."""
+    metrics = log_plan(alias, outcome, peak_mb)
+    runs.set_tags({schema.TAG_RATIO_KIND: schema.RATIO_STRUCTURED})
+    res = outcome.joint
+    for r in res.layer_rows():
+        metrics[schema.layer_metric(schema.M_OBS_REMOVED_GROUPS, r["layer"])] = r["removed_kv_groups"]
+        metrics[schema.layer_metric(schema.M_OBS_REMOVED_CHANNELS, r["layer"])] = r["removed_channels"]
+        metrics[schema.layer_metric(schema.M_OBS_LAYER_RATE, r["layer"])] = r["rate"]
+    rows = res.projection_rows()
+    for when in ("pruned", "after"):
+        for r in rows:
+            metrics[schema.M_OBS_ERR.format(when=when, layer=r["layer"], proj=r["proj"])] = r[f"err_{when}"]
+        if rows:
+            metrics[schema.M_OBS_ERR_MEAN.format(when=when)] = sum(r[f"err_{when}"] for r in rows) / len(rows)
+    metrics.update({schema.M_OBS_TIME: res.timings.total_s, schema.M_OBS_STATS_MB: res.stats_bytes / 2**20})
+    runs.log_metrics(metrics)
+    runs.log_table(pd.DataFrame(res.layer_rows()), schema.A_OBS_LAYERS)
+    runs.log_table(pd.DataFrame(rows), schema.A_OBS_PROJECTIONS)
+    runs.log_figure(res.figure(f"{_title(alias, outcome)} · OBS"), schema.A_OBS_FIG)
+    if rows:
+        print(f"obs: mean relative error of the cut projections {metrics[schema.M_OBS_ERR_MEAN.format(when='pruned')]:.3f} "
+              f"(surgery alone) -> {metrics[schema.M_OBS_ERR_MEAN.format(when='after')]:.3f} (compensated)")
+    print(f"pruned {alias} with {outcome.plan.method}: {outcome.params_before:,} -> {outcome.params_after:,} "
+          f"parameters; {metrics[schema.M_ACHIEVED_RATIO]:.1%} of prunable parameters removed "
+          f"(target {outcome.plan.target_ratio:.0%}) in {outcome.timings.total_s:.1f}s")
+    return metrics
+
+
+def log_sparsity(alias: str, outcome: PruneOutcome, peak_mb: float) -> dict:
+    """Sparsity methods: overall and per-layer sparsity, the N:M check, calibration cost and memory,
+    tables, figure and provenance."""
+    sp = outcome.sparsity
+    metrics = {schema.M_PARAMS_BEFORE: outcome.params_before, schema.M_PARAMS_AFTER: outcome.params_after,
+               schema.M_TARGET_SPARSITY: sp.target, schema.M_ACHIEVED_SPARSITY: sp.overall_sparsity,
+               schema.M_PRUNE_TIME: outcome.timings.total_s, schema.M_PEAK_MEMORY: peak_mb}
+    for row in sp.layer_rows():
+        metrics[schema.layer_metric(schema.M_LAYER_SPARSITY, row["layer"])] = row["sparsity"]
+        metrics[schema.layer_metric(schema.M_LAYER_TARGET_SPARSITY, row["layer"])] = row["target"]
+    if sp.nm_check is not None:
+        metrics.update({schema.M_NM_GROUPS: sp.nm_check.groups, schema.M_NM_VIOLATIONS: sp.nm_check.violations})
+    if sp.max_damping is not None:
+        metrics[schema.M_MAX_DAMPING] = sp.max_damping
+    if sp.calibration is not None:
+        c = sp.calibration
+        metrics.update({schema.M_CALIB_FORWARDS: c.forward_equivalents,
+                        schema.M_CALIB_STATS_MB: c.peak_stats_bytes / 2**20,
+                        schema.M_CALIB_LAYER_ACT_MB: c.layer_activation_bytes / 2**20,
+                        schema.M_CALIB_ALL_ACT_MB: c.all_layers_activation_bytes / 2**20})
+    runs.log_metrics(metrics)
+    runs.set_tags({schema.TAG_RATIO_KIND: schema.RATIO_SPARSITY})
+    runs.log_table(pd.DataFrame(sp.layer_rows()), schema.A_SPARSITY_LAYERS)
+    runs.log_table(pd.DataFrame(sp.projection_rows()), schema.A_SPARSITY_PROJECTIONS)
+    runs.log_figure(sp.figure(), schema.A_SPARSITY_FIG)
+    runs.log_json({"config": asdict(sp.config), "weights_counted": sp.weights_counted,
+                   "calibration_dataset": outcome.calibration_source,
+                   "owl": asdict(sp.owl) if sp.owl else None,
+                   "nm_check": asdict(sp.nm_check) if sp.nm_check else None,
+                   "calibration": asdict(sp.calibration) if sp.calibration else None,
+                   "timings": asdict(sp.timings)}, schema.A_SPARSITY_PROVENANCE)
+    nm = "" if sp.nm_check is None else f"; {sp.config.sparsity_pattern} check: {sp.nm_check.violations} of " \
+                                          f"{sp.nm_check.groups} groups violate it"
+    print(f"sparsified {alias} with {sp.config.method}: {sp.overall_sparsity:.2%} of the projection weights "
+          f"are zero (target {sp.target:.2%}){nm} in {outcome.timings.total_s:.1f}s")
+    return metrics
+
+
+def log_data_sources(copies: list) -> None:
+    """Where each dataset was read from: params data_copy/<name>, data_sha256/<name>, and the list."""
+    if not copies:
+        return
+    params = {}
+    for c in copies:
+        where, sha = schema.data_params(c.name or c.ref.label())
+        params[where] = c.path if c.origin in ("local", "file") else c.origin
+        if c.sha256:
+            params[sha] = c.sha256
+    runs.log_params(params)
+    runs.log_json([c.to_dict() for c in copies], schema.A_DATA_SOURCES)
+    for c in copies:
+        print(f"data: {c.describe()}")
+
+
 def save_model(model, tokenizer, config: PruneConfig) -> str:
     """The pruned checkpoint as the run's MLflow Model ``pruned_model`` (and in output_dir); return
     its model id. ``runs:/<run>/pruned_model`` downloads the checkpoint directory."""
@@ -133,11 +229,26 @@ def save_model(model, tokenizer, config: PruneConfig) -> str:
 
 # ---- dataset inputs: which data the run read, as MLflow's Datasets column shows it --------------
 
-def log_datasets(tokenizer, outcome: PruneOutcome) -> None:
-    """The calibration windows of the scores and of the layer importance and the refit's windows,
-    each redrawn (seeded, so identical) to digest exactly the token ids the run used."""
-    prov = outcome.plan.provenance
-    uses = []
+def log_datasets(tokenizer, cfg: PruneConfig, outcome: PruneOutcome) -> None:
+    """The calibration windows of the scores / sparsity statistics, of the layer importance and of
+    the refit, each redrawn (seeded, so identical) to digest exactly the token ids the run used."""
+    dd = cfg.data.resolve()
+    for context, source, n, seq_len, seed in _data_uses(cfg, outcome):
+        if not data.is_available(source):
+            continue
+        ids = data.calibration_batches(tokenizer, source, n, seq_len, seed, data_dir=dd)
+        runs.log_dataset(inputs.text_input(source, ids, context, split="train", windows=n, seq_len=seq_len,
+                                           seed=seed))
+
+
+def _data_uses(cfg: PruneConfig, outcome: PruneOutcome) -> list[tuple]:
+    """(context, source, windows, seq_len, seed) of every calibration draw of the run."""
+    if outcome.plan is None:        # sparsity methods: one draw, when the method calibrates
+        c = cfg.calibration
+        if outcome.calibration_source == "none":
+            return []
+        return [(schema.CTX_CALIBRATION, outcome.calibration_source, c.taylor_num_samples, c.taylor_seq_len, c.seed)]
+    prov, uses = outcome.plan.provenance, []
     if prov.calibration is not None and not prov.replayed_from:
         c = prov.calibration
         uses.append((schema.CTX_CALIBRATION, c.dataset, c.num_samples, c.seq_len, c.seed))
@@ -148,10 +259,4 @@ def log_datasets(tokenizer, outcome: PruneOutcome) -> None:
     if prov.reconstruction is not None:
         r = prov.reconstruction
         uses.append((schema.CTX_RECONSTRUCTION, r.dataset, r.num_samples, r.seq_len, r.seed))
-    for context, source, n, seq_len, seed in uses:
-        if not data.is_available(source):
-            continue
-        ids = data.calibration_batches(tokenizer, source, n, seq_len, seed)
-        runs.log_dataset(inputs.text_input(source, ids, context, split="train", windows=n, seq_len=seq_len,
-                                       seed=seed))
-
+    return uses

@@ -17,11 +17,15 @@ continues where it stopped.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
 import math
+import os
 import shlex
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,20 +33,24 @@ from pathlib import Path
 import pandas as pd
 
 from gqaprune import data
-from gqaprune.config import Section, flat, knob, leaves, parse_flat
+from gqaprune.config import Section, build, flat, knob, leaves, parse_flat
 from gqaprune.errors import UserError
 from gqaprune.evaluation.config import EvalConfig, ppl_sources, task_plan
 from gqaprune.loading import DEMO_ALIAS, resolve_model
-from gqaprune.pipeline import PruneConfig, applicable, readers_of
+from gqaprune.pipeline import (STRUCTURED, PruneConfig, all_methods, applicable, method_kind, readers_of,
+                               unread)
 from gqaprune.structured import methods
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
 from analysis import selection
 from analysis.protocol import protocol_of
 from analysis.query import PRUNE_IGNORED
 from prune_entry import evaluate, prune
+from prune_entry.executors import EXECUTORS, ExecutorSettings, PointResult, Progress, make_executor
 from tracking import cli
 from tracking.cli import Parser, boolean, raw_flags
-from tracking import runs, schema, store
+from tracking import claims, runs, schema, store
+from tracking.claims import ClaimSettings
+from tracking.connect import tracking_uri
 
 AXES = {schema.P_MODEL: "models", schema.P_METHOD: "methods", schema.P_PRUNING_RATIO: "ratios"}  # PruneConfig field -> sweep key
 PRUNE_FIELDS = tuple(leaf.name for leaf in leaves(PruneConfig))
@@ -61,6 +69,7 @@ DENSE = schema.LABEL_DENSE  # method label of the dense (unpruned) baseline rows
 PRUNE_COLUMNS = (schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER)
 DIAGNOSIS_COLUMNS = (schema.M_GRAD_NORM_RATIO, schema.M_GRAD_MEAN_RATIO, schema.M_NUM_EXTREME_LAYERS)
 RATIO = schema.P_PRUNING_RATIO     # the target ratio column: the prune parameter's name
+_HERE = f"{socket.gethostname()}:{os.getpid()}"   # the worker name of points run in this process
 STATUS_COLUMNS = ("status", "resumed", "prune_run_id", "eval_run_id", schema.TAG_SEARCH_POINT, "error")
 
 
@@ -79,6 +88,8 @@ class SearchConfig:
     dry_run: bool
     config: str | None
     rule: selection.Rule = selection.Rule()   # which point is best (analysis.selection)
+    executor: ExecutorSettings = ExecutorSettings()   # where the points run (not part of any key)
+    claim_points: bool = False                        # claim each point in the store before running it
 
 
 @dataclass
@@ -115,6 +126,7 @@ class Outcome:
     resumed: list = field(default_factory=list)  # stages taken over from earlier runs
     error: str = ""
     time_s: float = 0.0
+    retryable: bool = True      # False: a bad setting failed it, trying again cannot help
 
     @property
     def ok(self) -> bool:
@@ -155,7 +167,21 @@ class SearchArgs(Section):
     stop_on_error: bool | None = knob(None, "stop (and fail the search) at the first failing point (default false)")
     select_by: str | None = knob(None, "the best point: auto (highest zeroshot/mean_acc, ties / no accuracy: lowest "
                                  "perplexity on the first dataset) or <metric>:max|min (default auto)")
-    dry_run: bool = knob(False, "list the points, run nothing")
+    dry_run: bool = knob(False, "list the points, run nothing (no run is created)")
+    verbose: bool = knob(False, "show the known-harmless library warnings (hidden and summarised by default)")
+    # Where the points run (not what they are: these never enter a point's key or the YAML).
+    executor: str = knob("local", "where points run: local (one at a time, in this process) or ray "
+                         "(in parallel, as Ray tasks; pip install -e .[distributed])", choices=EXECUTORS)
+    ray_address: str | None = knob(None, "Ray cluster to use: auto, ray://host:10001 (default: RAY_ADDRESS "
+                                   "if set, else a Ray instance started on this machine for the sweep)")
+    cpus_per_point: float = knob(1.0, "CPUs Ray reserves for each point", low=0.0, low_open=True)
+    gpus_per_point: float | None = knob(None, "GPUs Ray reserves for each point (default 1 when the cluster "
+                                        "has GPUs, else 0)", low=0.0)
+    max_retries: int | None = knob(None, "tries again a point that failed (not for a bad setting) or whose "
+                                   "worker died, this many times (default 1 with ray, 0 locally)", low=0)
+    claim_points: str = knob("auto", "claim each point in the tracking store before running it, so two "
+                             "sweeps or workers never run one point twice: true, false or auto (on with "
+                             "ray or a tracking server, off for a local store)", choices=("auto", "true", "false"))
 
 
 def build_parser() -> Parser:
@@ -286,6 +312,22 @@ def _check_eval_args(eval_args: dict) -> None:
         raise UserError(f"eval_args: {exc}") from exc
 
 
+def _executor_settings(args: SearchArgs) -> ExecutorSettings:
+    retries = args.max_retries if args.max_retries is not None else (1 if args.executor == "ray" else 0)
+    return ExecutorSettings(executor=args.executor, ray_address=args.ray_address,
+                            gpus_per_point=args.gpus_per_point, cpus_per_point=args.cpus_per_point,
+                            max_retries=retries)
+
+
+def _claim_points(mode: str, executor: str) -> bool:
+    """auto: claim when workers may compete, i.e. on Ray or on a store others share (a server or a
+    database); a local sqlite / file store serves one machine, where stale runs are told by pid."""
+    if mode != "auto":
+        return mode == "true"
+    uri = tracking_uri()
+    return executor == "ray" or not (uri.startswith(("sqlite:", "file:")) or "://" not in uri)
+
+
 def _argv(flags: dict) -> list[str]:
     return [tok for k, v in flags.items() for tok in (f"--{k}", str(v))]
 
@@ -293,6 +335,7 @@ def _argv(flags: dict) -> list[str]:
 def resolve_config(argv: list[str] | None) -> SearchConfig:
     """Defaults < config file < command line; each value checked on its own."""
     cli = vars(build_parser().parse_args(argv))
+    args = build(SearchArgs, cli)      # the knobs' choices and bounds
     file = load_config(cli["config"]) if cli["config"] else {}
     raw = {k: cli[k] if cli.get(k) is not None else file.get(k, DEFAULTS[k]) for k in CONFIG_KEYS}
     grid = {**_grid(file.get("grid")), **_grid(cli["grid"])}
@@ -307,9 +350,11 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
                                                     or _bool(raw["eval_dense"], "eval_dense")),
         eval_args=eval_args, resume=_bool(raw["resume"], "resume"),
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
-        config=cli["config"], rule=selection.Rule.parse(str(raw[schema.P_SELECT_BY])))
+        config=cli["config"], rule=selection.Rule.parse(str(raw[schema.P_SELECT_BY])),
+        executor=_executor_settings(args), claim_points=_claim_points(args.claim_points, args.executor))
     for m in cfg.methods:
-        methods.method_spec(m)
+        if m not in all_methods():
+            raise UserError(f"unknown method '{m}'", f"use one of {', '.join(all_methods())}")
     _check_prune_names(cfg.grid, "grid")
     _check_prune_names(cfg.prune_args, "prune_args")
     for model in cfg.models:
@@ -386,14 +431,17 @@ def plan_points(cfg: SearchConfig) -> list[Point]:
     combos = itertools.product(cfg.models, cfg.methods, cfg.ratios, *(cfg.grid[g] for g in grid_names))
     for index, (model, method, ratio, *values) in enumerate(combos):
         grid = dict(zip(grid_names, values))
-        raw = {schema.P_MODEL: model, schema.P_METHOD: method, RATIO: ratio, **cfg.prune_args, **grid}
+        # the ratio axis is pruning_ratio for structured methods and the target sparsity for sparsity ones
+        axis = RATIO if method_kind(method) == STRUCTURED else schema.P_SPARSITY
+        raw = {schema.P_MODEL: model, schema.P_METHOD: method, axis: ratio, **cfg.prune_args, **grid}
         point = Point(index, model, method, ratio, grid, None, key="")
         try:
             point.prune, dropped = applicable(parse_flat(PruneConfig, raw))   # shared args: only what applies
             prune.preflight(point.prune)
         except UserError as exc:
             raise UserError(f"sweep point '{point.label()}': {exc}") from exc
-        point.grid = own_grid = {k: v for k, v in grid.items() if k not in dropped}
+        skip = set(dropped) | unread(point.prune)
+        point.grid = own_grid = {k: v for k, v in grid.items() if k not in skip}
         point.given = {k: v for k, v in raw.items() if k not in dropped}
         spec = resolve_model(model, point.prune.model.models_file)
         point.key = _point_key(point.prune, spec.path)
@@ -421,7 +469,8 @@ def _check_applies(cfg: SearchConfig) -> None:
     unused = []
     for section in METHOD_SECTIONS:
         names = {leaf.name for leaf in leaves(type(getattr(StructuredConfig(), section)))} & given
-        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods):
+        if names and not any(section in methods.resolve(m, scorer).sections for m in cfg.methods
+                             if method_kind(m) == STRUCTURED):
             unused += sorted(names)
             readers = readers_of(section)
     if unused:
@@ -458,18 +507,29 @@ def parse(argv: list[str] | None) -> Sweep:
 
 
 def preflight(sweep: Sweep) -> None:
-    """Data the children will need from the hub, checked once before the first point runs."""
-    hub = sorted({p.calibration for p in sweep.points} & set(data.HUB_SOURCES))
-    if hub and not data.hub_reachable():
-        raise UserError(f"calibration dataset(s) {', '.join(hub)} are on the Hugging Face hub, which is "
-                        "not reachable (offline)", "add calibration_dataset=<local .txt/.jsonl file> to "
-                        "prune_args, or run where the hub is reachable")
+    """Data the children will need (calibration, perplexity, zero-shot task datasets: local copies
+    or the hub), checked once before the first point runs, so a typo or an offline hub fails in
+    seconds, not after the first prune."""
+    missing = []
+    for p in sweep.points:
+        if not p.prune.needs_calibration or p.calibration in missing:
+            continue
+        try:
+            data.check_source(p.calibration, "train", p.prune.data.resolve())
+        except UserError:
+            missing.append(p.calibration)
+    if missing:
+        raise UserError(f"calibration dataset(s) {', '.join(missing)} are on the Hugging Face hub, which is "
+                        "not reachable (offline), and the data dir has no copy", "add calibration_dataset="
+                        "<local .txt/.jsonl file> or data_dir=<local copies> to prune_args, or run where the "
+                        "hub is reachable")
     if not sweep.config.eval:
         return
     for model in sweep.config.models:
         cfg = next(p.eval for p in sweep.points if p.model == model)
         ppl_sources(cfg, is_demo=False)   # the eval run sees a pruned checkpoint
-        task_plan(cfg, is_demo=False)
+        names, to_build = task_plan(cfg, is_demo=False)
+        evaluate.prepare_tasks(cfg, names, to_build, log=False)   # offline hub tasks fail now
 
 
 # ------------------------------------------------------------------------------ resume
@@ -520,13 +580,15 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}"
 
 
-def _child(stage: str, launch, experiment_id: str, search_id: str, point: Point):
-    """Launch one child tagged with its point from birth (``launch(tags)``); return (run id,
-    error or ''). A KeyboardInterrupt leaves the child KILLED, tagged, and stops the sweep."""
+def _child(stage: str, launch, experiment_id: str, search_id: str, point: Point, out: Outcome):
+    """Launch one child tagged with its point from birth (``launch(tags)``); return its run id.
+    A failure is recorded on ``out`` (a bad setting as not retryable). A KeyboardInterrupt leaves
+    the child KILLED, tagged, and stops the sweep."""
     try:
-        return launch(_child_tags(search_id, point, stage)), ""
+        return launch(_child_tags(search_id, point, stage))
     except Exception as exc:  # noqa: BLE001 - one failing point must not stop the sweep
-        return _failed_child(experiment_id, search_id, point, stage), _reason(exc)
+        out.status, out.error, out.retryable = "failed", f"{stage}: {_reason(exc)}", not isinstance(exc, UserError)
+        return _failed_child(experiment_id, search_id, point, stage)
 
 
 def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) -> Outcome:
@@ -536,21 +598,17 @@ def run_point(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
     if out.prune_run_id:
         out.resumed.append(schema.STAGE_PRUNE)
     else:
-        out.prune_run_id, err = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune, tags),
-                                       experiment_id, search_id, point)
-        if err:
-            out.status, out.error = "failed", f"prune: {err}"
+        out.prune_run_id = _child(schema.STAGE_PRUNE, lambda tags: prune.run_child(point.prune, tags, search_id),
+                                  experiment_id, search_id, point, out)
     if cfg.eval and out.status != "failed":
         out.eval_run_id = finished_eval(experiment_id, point, out.prune_run_id) if cfg.resume else None
         if out.eval_run_id:
             out.resumed.append(schema.STAGE_EVAL)
         else:
             uri = f"runs:/{out.prune_run_id}/{schema.A_PRUNED_MODEL}"
-            out.eval_run_id, err = _child(schema.STAGE_EVAL,
-                                          lambda tags: evaluate.run_child(uri, point.eval, tags),
-                                          experiment_id, search_id, point)
-            if err:
-                out.status, out.error = "failed", f"eval: {err}"
+            out.eval_run_id = _child(schema.STAGE_EVAL,
+                                     lambda tags: evaluate.run_child(uri, point.eval, tags, parent_run_id=search_id),
+                                     experiment_id, search_id, point, out)
     if out.status != "failed":
         wanted = 2 if cfg.eval else 1
         out.status = "reused" if len(out.resumed) == wanted else "finished"
@@ -566,10 +624,11 @@ def run_dense(point: Point, sweep: Sweep, experiment_id: str, search_id: str) ->
         out.resumed.append(schema.STAGE_EVAL)
         out.status = "reused"
     else:
-        out.eval_run_id, err = _child(schema.STAGE_EVAL,
-                                      lambda tags: evaluate.run_child(point.model, point.eval, tags),
-                                      experiment_id, search_id, point)
-        out.status, out.error = ("failed", f"eval: {err}") if err else ("finished", "")
+        out.eval_run_id = _child(schema.STAGE_EVAL,
+                                 lambda tags: evaluate.run_child(point.model, point.eval, tags, parent_run_id=search_id),
+                                 experiment_id, search_id, point, out)
+        if out.status != "failed":
+            out.status = "finished"
     out.time_s = time.perf_counter() - t0
     return out
 
@@ -837,7 +896,11 @@ def _params(cfg: SearchConfig) -> dict:
               "grid": json.dumps({k: list(v) for k, v in cfg.grid.items()}),
               "prune_args": shlex.join(_argv(cfg.prune_args)), "eval": cfg.eval, "eval_dense": cfg.eval_dense,
               "eval_args": shlex.join(_argv(cfg.eval_args)), "resume": cfg.resume,
-              "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run, schema.P_SELECT_BY: cfg.rule.select_by}
+              "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run,
+              "executor": cfg.executor.executor, "ray_address": cfg.executor.ray_address,
+              "cpus_per_point": cfg.executor.cpus_per_point, "gpus_per_point": cfg.executor.gpus_per_point,
+              "max_retries": cfg.executor.max_retries, "claim_points": cfg.claim_points,
+              schema.P_SELECT_BY: cfg.rule.select_by}
     return {schema.P_SWEEP.format(name=k): v for k, v in values.items()}
 
 
@@ -850,9 +913,9 @@ def _plan_dict(sweep: Sweep) -> list[dict]:
             for p in sweep.points + sweep.dense]
 
 
-def dry_run(sweep: Sweep, experiment_id: str) -> None:
-    """Print (and log) the points, and which a real run would reuse."""
-    rows, resume = [], sweep.config.resume
+def dry_run(sweep: Sweep, experiment_id: str | None) -> None:
+    """Print the points and which a real run would reuse (no MLflow run is created)."""
+    rows, resume = [], sweep.config.resume and experiment_id is not None
     for n, p in enumerate(sweep.ordered(), 1):
         if p.dense:
             prune_id, eval_id = None, finished_dense(experiment_id, p) if resume else None
@@ -863,9 +926,17 @@ def dry_run(sweep: Sweep, experiment_id: str) -> None:
         rows.append({"#": n, "model": p.model, "method": p.method, RATIO: p.ratio,
                      **{g: p.grid.get(g) for g in sweep.config.grid}, "would_reuse": reuse, "prune_run_id": prune_id, schema.TAG_SEARCH_POINT: p.key})
     table = markdown_table(pd.DataFrame(rows), drop=())
-    runs.log_text(f"# Search plan (dry run)\n\n{table}\n", "search_plan.md")
     dense = f" + {len(sweep.dense)} dense eval(s)" if sweep.dense else ""
-    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned\n{table}")
+    print(f"dry run: {len(sweep.points)} point(s){dense}, nothing pruned, no run created\n{table}")
+
+
+def run_any(sweep: Sweep, experiment_id: str, search_id: str, point: Point) -> Outcome:
+    """One point, in this process or a Ray worker (the executor's ``work``). Holding the point's
+    claim proves no live worker runs it, so its runs still RUNNING are orphans of a dead one."""
+    held = claims.current()
+    if held is not None:
+        held.end_orphans({schema.TAG_SEARCH_POINT: point.key})
+    return (run_dense if point.dense else run_point)(point, sweep, experiment_id, search_id)
 
 
 def run(sweep: Sweep) -> list[Outcome]:
@@ -876,25 +947,33 @@ def run(sweep: Sweep) -> list[Outcome]:
     import mlflow
     active = mlflow.active_run()
     experiment_id, search_id = active.info.experiment_id, active.info.run_id
-    if cfg.dry_run:
-        dry_run(sweep, experiment_id)
-        return []
     preflight(sweep)
     from tqdm.auto import tqdm
     order = sweep.ordered()
-    outcomes = [Outcome(p) for p in order]
-    t0 = time.perf_counter()
-    bar = tqdm(total=len(order), desc="search", unit="run")
-    stopped = None
-    for i, p in enumerate(order):
-        step = run_dense if p.dense else run_point
-        outcomes[i] = o = step(p, sweep, experiment_id, search_id)
-        bar.update(1)
-        bar.write(_point_line(o, i + 1, len(order)))
-        if cfg.stop_on_error and not o.ok and not p.dense:  # a failed baseline does not stop the sweep
-            stopped = o
-            break
-    bar.close()
+    outcomes = {p.key: Outcome(p) for p in order}
+    t0, stopped, done = time.perf_counter(), [], [0]
+
+    def on_done(result: PointResult) -> bool:
+        o = result.value if isinstance(result.value, Outcome) else \
+            Outcome(result.point, status="failed", error=result.error)   # the worker died or raised
+        outcomes[o.point.key] = o
+        done[0] += 1
+        tqdm.write(_point_line(o, done[0], len(order), result))
+        if cfg.stop_on_error and not o.ok and not o.point.dense:  # a failed baseline does not stop it
+            stopped.append(o)
+            return True
+        return False
+
+    def on_progress(p: Progress) -> None:
+        try:
+            runs.log_metrics(p.metrics(), step=p.completed + p.failed)
+        except Exception as exc:  # noqa: BLE001 - live counts are a convenience, never stop a sweep
+            print(f"search: live counts not logged ({type(exc).__name__})", file=sys.stderr)
+
+    claim = ClaimSettings(experiment_id) if cfg.claim_points else None
+    work = functools.partial(run_any, sweep, experiment_id, search_id)
+    make_executor(cfg.executor, claim).run(order, work, on_done=on_done, on_progress=on_progress)
+    outcomes = [outcomes[p.key] for p in order]
     frame = summary_rows(outcomes)
     doc, bests = choose_best(frame, outcomes, sweep)
     best_md = log_best(doc, bests, sweep)
@@ -904,8 +983,8 @@ def run(sweep: Sweep) -> list[Outcome]:
     print(f"\nsearch summary ({sum(o.ok for o in grid)}/{len(points)} points ok{dense}, "
           f"{time.perf_counter() - t0:.0f}s):\n{table}\n\nbest configuration:\n{best_md}")
     failed = [o for o in outcomes if o.status == "failed"]
-    if stopped is not None:
-        raise UserError(f"stopped at point '{stopped.point.label()}' (stop_on_error): {stopped.error}",
+    if stopped:
+        raise UserError(f"stopped at point '{stopped[0].point.label()}' (stop_on_error): {stopped[0].error}",
                         f"see {schema.A_SEARCH_SUMMARY_MD}; fix it and re-run (finished points are reused)")
     if not any(o.ok for o in grid):
         failed_grid = [o for o in grid if o.status == "failed"]
@@ -917,10 +996,12 @@ def run(sweep: Sweep) -> list[Outcome]:
     return outcomes
 
 
-def _point_line(o: Outcome, n: int, total: int) -> str:
+def _point_line(o: Outcome, n: int, total: int, result: PointResult | None = None) -> str:
     head = f"[{n}/{total}] {o.point.label()}:"
+    tries = f" after {result.attempts} attempts" if result is not None and result.attempts > 1 else ""
+    where = f" on {result.worker}" if result is not None and result.worker and result.worker != _HERE else ""
     if not o.ok:
-        return f"{head} FAILED {o.error}"
+        return f"{head} FAILED{tries}{where} {o.error}"
     pm, _ = _metrics(o.prune_run_id)
     em, ep = _metrics(o.eval_run_id)
     parts = [f"params {int(em.get(schema.M_MODEL_PARAMS, 0)):,}" if o.point.dense
@@ -931,7 +1012,7 @@ def _point_line(o: Outcome, n: int, total: int) -> str:
         parts.append(f"{schema.M_ZS_MEAN} {em[schema.M_ZS_MEAN]:.4f}")
     ids = ", ".join(f"{stage} {rid[:8]}" for stage, rid in (("prune", o.prune_run_id), ("eval", o.eval_run_id)) if rid)
     note = f" (reused {'+'.join(o.resumed)})" if o.resumed else ""
-    return f"{head} {', '.join(parts)} [{ids}]{note} {o.time_s:.1f}s"
+    return f"{head} {', '.join(parts)} [{ids}]{note}{where} {o.time_s:.1f}s"
 
 
 def _run_name(sweep: Sweep) -> str:
@@ -941,8 +1022,28 @@ def _run_name(sweep: Sweep) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if _is_dry(argv):
+        return dry_main(argv)
     return runs.entry_point(schema.STAGE_SEARCH, lambda: parse(argv), run, run_name=_run_name,
                             raw_params=raw_flags(argv))
+
+
+def _is_dry(argv: list[str] | None) -> bool:
+    try:
+        return bool(boolean(raw_flags(argv).get("dry_run", "false")))
+    except Exception:  # noqa: BLE001 - a bad value: the real parse reports it
+        return False
+
+
+def dry_main(argv: list[str] | None) -> int:
+    """``--dry_run true``: parse and list the points; the store is only read (no run, no experiment)."""
+    try:
+        sweep = parse(argv)
+        dry_run(sweep, runs.existing_experiment_id())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

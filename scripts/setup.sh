@@ -27,7 +27,7 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     fi
   fi
   echo "[setup] installing gqaprune and its dependencies"
-  "$PY" -m pip install -q -e "$ROOT[test]"
+  "$PY" -m pip install -q -e "$ROOT[test,distributed]"
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

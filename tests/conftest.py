@@ -127,3 +127,9 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("GQAPRUNE_CACHE", os.environ.get("GQAPRUNE_CACHE", str(REPO / ".cache")))
+    # mlflow.set_experiment() in a test's own process exports MLFLOW_EXPERIMENT_ID; left behind,
+    # every later `mlflow run --experiment-name` fails ("Specify only one of ..."). Restore it.
+    if "MLFLOW_EXPERIMENT_ID" in os.environ:
+        monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", os.environ["MLFLOW_EXPERIMENT_ID"])
+    else:
+        monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

@@ -333,7 +333,7 @@ def test_end_to_end_prune_finetune_eval_entry_points(tracking_store, saved_tiny_
     assert (pruned["family"], pruned["variant"]) == ("Llama", "Base")
     for row in (pruned, dense, lora):
         assert row["ppl/corpus"] == evals.loc[row["eval_run_id"], "metrics.ppl/corpus"]
-        assert row["ppl_protocol/corpus"].startswith("corpus [test], 16-token non-overlapping windows, BOS-prefixed")
+        assert row["ppl_protocol/corpus"].startswith("corpus [test], 16-token non-overlapping windows, no BOS")
     p = cross_model.pivot(query.results_table([exp]), "ppl/corpus")
     assert p.relative.loc[("taylor", 0.25, "pruned"), model.name] == pytest.approx(
         100 * (pruned["ppl/corpus"] / dense["ppl/corpus"] - 1))

@@ -34,7 +34,8 @@ def test_non_uniform_saves_remote_code_and_reloads(family, n_heads, n_kv, tmp_pa
     info, ids, expected = roundtrip(model, tmp_path)
     if info["format"] == "remote_code":
         cfg = json.loads((tmp_path / "config.json").read_text())
-        assert cfg["model_type"] == f"gqaprune_{family}"
+        # the stock model_type: config and tokenizer load without custom code; only the model needs it
+        assert cfg["model_type"] == family and set(cfg["auto_map"]) == {"AutoModelForCausalLM"}
         assert (tmp_path / checkpoint.REMOTE_FILE).is_file()
         remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
         torch.testing.assert_close(remote(ids).logits, expected, rtol=0, atol=0)
@@ -67,3 +68,47 @@ def test_plain_load_of_non_uniform_checkpoint_needs_remote_code(tmp_path):
     checkpoint.save_model(model, None, tmp_path)
     with pytest.raises(Exception):
         AutoModelForCausalLM.from_pretrained(tmp_path)  # no trust_remote_code: refused
+
+
+def test_tokenizer_and_config_of_a_pruned_checkpoint_need_no_custom_code(tmp_path, monkeypatch):
+    """AutoTokenizer / AutoConfig never reach transformers' "run custom code?" question (any such
+    question is made an error here); only the model needs trust_remote_code."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto import configuration_auto, tokenization_auto
+    from conftest import make_word_tokenizer
+
+    asked = []
+
+    def no_questions(trust_remote_code, model_name, has_local_code, has_remote_code, *args, **kwargs):
+        if has_remote_code and trust_remote_code is None:
+            asked.append(model_name)
+            raise AssertionError("custom code was asked for")
+        return bool(trust_remote_code)
+    model = apply_plan(make_tiny_model("llama", 8, 2), random_plan(make_tiny_model("llama", 8, 2), seed=5))
+    checkpoint.save_model(model, make_word_tokenizer(tmp_path / "tok"), tmp_path / "m")
+    for module in (configuration_auto, tokenization_auto):
+        monkeypatch.setattr(module, "resolve_trust_remote_code", no_questions)
+    assert AutoConfig.from_pretrained(tmp_path / "m").model_type == "llama"
+    assert AutoTokenizer.from_pretrained(tmp_path / "m")("w1 w2")["input_ids"]
+    assert asked == []
+    # the guard works: a config that names custom code for AutoConfig is asked about
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["auto_map"]["AutoConfig"] = "modeling_gqaprune.GQAPrunedLlamaConfig"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AssertionError, match="custom code was asked for"):
+        AutoConfig.from_pretrained(tmp_path / "m")
+
+
+def test_added_biases_keep_their_own_config_type(tmp_path):
+    """o_proj / down_proj biases with uniform sizes: no stock class may load them silently."""
+    from gqaprune.arch import CFG_DOWN_BIAS
+    model = make_tiny_model("llama", 8, 2)
+    for layer in model.model.layers:
+        layer.mlp.down_proj.bias = torch.nn.Parameter(torch.full((64,), 0.1))
+    setattr(model.config, CFG_DOWN_BIAS, [True] * 3)
+    info, ids, expected = roundtrip(model, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert info["format"] == "remote_code" and cfg["model_type"] == "gqaprune_llama"
+    assert "AutoConfig" in cfg["auto_map"]
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -99,10 +99,11 @@ def test_end_to_end_on_a_tiny_model(assets):
     from gqaprune.loading import load_model_and_tokenizer, resolve_model
     model, tok = load_model_and_tokenizer(resolve_model(str(assets["model"])))
     want = perplexity(model, data.eval_stream(tok, str(assets["corpus"]), "test"),
-                      PplProtocol("st", "test", 32, None, True), tok.bos_token_id, show_progress=False)
+                      PplProtocol("st", "test", 32, None, False), tok.bos_token_id, show_progress=False)
     assert m["ppl/st"] == pytest.approx(want.ppl, rel=1e-9)
     assert m["ppl_tokens/st"] == want.tokens and m["nll/st"] == pytest.approx(math.log(want.ppl), rel=1e-9)
-    assert p["ppl_protocol/st"] == "st [test], 32-token non-overlapping windows, BOS-prefixed"
+    # the default is the literature's protocol: one stream, non-overlapping windows, no BOS inserted
+    assert p["ppl_protocol/st"] == "st [test], 32-token non-overlapping windows, no BOS"
     # Zero-shot: both offline tasks, limit respected, mean uses acc_norm / acc (literature).
     assert p[schema.P_TASK_MEASURES] == "st_continuation=acc_norm,st_cloze=acc"
     assert m["st_continuation/n_samples"] == m["st_cloze/n_samples"] == 6

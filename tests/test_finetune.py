@@ -229,13 +229,13 @@ def test_target_modules_short_names_groups_and_unknown():
 
 
 def test_lr_schedule_warmup_then_linear_decay():
-    s = ft.TrainSettings(learning_rate=1.0, warmup_ratio=0.2)
+    s = ft.TrainingConfig(learning_rate=1.0, warmup_ratio=0.2)
     assert [ft.lr_at(i, 10, s) for i in range(10)] == pytest.approx(
         [0.5, 1.0, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8])
 
 
 def test_micro_batches_cover_each_epoch_once():
-    s = ft.TrainSettings(batch_size=2, gradient_accumulation=2, seed=1)
+    s = ft.TrainingConfig(batch_size=2, gradient_accumulation=2, seed=1)
     steps = [ft.micro_batches(10, i, s) for i in range(3)]   # 3 steps per epoch: 4 + 4 + 2
     assert [len(sum(b, [])) for b in steps] == [4, 4, 2]
     assert sorted(sum(sum(steps, []), [])) == list(range(10))
@@ -245,12 +245,12 @@ def test_micro_batches_cover_each_epoch_once():
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_one_lora_step_lowers_the_loss_and_merge_equals_base_plus_adapter(case, tmp_path):
     torch.manual_seed(0)
-    peft_model = ft.attach_lora(model_for(case), ft.LoraSettings(r=4, alpha=8, dropout=0.0))
+    peft_model = ft.attach_lora(model_for(case), ft.LoraConfig(lora_r=4, lora_alpha=8, lora_dropout=0.0))
     batch = random_examples(4, 12, seed=5, prompt_len=3)
-    res = ft.train(peft_model, fixed_data(batch), ft.TrainSettings(learning_rate=1e-2, max_steps=1,
-                   batch_size=4, warmup_ratio=0, show_progress=False), pad_id=0)
-    before, after = (r["val_loss"] for r in res.history["val"])
-    assert res.history["train"][0]["train_loss"] == pytest.approx(before, rel=1e-5)  # same batch
+    res = ft.train(peft_model, fixed_data(batch), ft.TrainingConfig(learning_rate=1e-2, max_steps=1,
+                   batch_size=4, warmup_ratio=0, progress=False), pad_id=0)
+    before, after = (r.val_loss for r in res.history.val)
+    assert res.history.train[0].train_loss == pytest.approx(before, rel=1e-5)  # same batch
     assert after < before
     # merged weights are W + (alpha / r) B A, and the outputs agree
     lora_q = peft_model.base_model.model.model.layers[0].self_attn.q_proj
@@ -270,7 +270,7 @@ def test_one_lora_step_lowers_the_loss_and_merge_equals_base_plus_adapter(case, 
 
 def test_pruned_merged_model_loads_with_trust_remote_code(tmp_path):
     from transformers import AutoModelForCausalLM
-    peft_model = ft.attach_lora(pruned_tiny("qwen2", 8, 2), ft.LoraSettings(r=2, dropout=0.0))
+    peft_model = ft.attach_lora(pruned_tiny("qwen2", 8, 2), ft.LoraConfig(lora_r=2, lora_dropout=0.0))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -288,7 +288,7 @@ def test_pruned_merged_model_loads_with_trust_remote_code(tmp_path):
 def test_gradient_accumulation_equals_one_big_batch():
     """Micro-batches of unequal target counts: the step's gradient is still the token mean."""
     torch.manual_seed(0)
-    m = ft.attach_lora(make_tiny_model("llama", 8, 2), ft.LoraSettings(r=2, dropout=0.0))
+    m = ft.attach_lora(make_tiny_model("llama", 8, 2), ft.LoraConfig(lora_r=2, lora_dropout=0.0))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name:
@@ -311,15 +311,15 @@ def test_gradient_accumulation_equals_one_big_batch():
 def _run(store, stop_at=None, raise_at=None, resume=False):
     """Train 6 steps (2 epochs of 3) with dropout (so RNG state matters); optionally interrupt."""
     torch.manual_seed(0)
-    model = ft.attach_lora(pruned_tiny("llama", 8, 2), ft.LoraSettings(r=2, dropout=0.2))
+    model = ft.attach_lora(pruned_tiny("llama", 8, 2), ft.LoraConfig(lora_r=2, lora_dropout=0.2))
     data = fixed_data(random_examples(6, 10, seed=1, prompt_len=2), random_examples(2, 10, seed=2))
-    settings = ft.TrainSettings(learning_rate=5e-3, epochs=2, batch_size=2, checkpoint_every=2,
-                                seed=0, show_progress=False)
+    settings = ft.TrainingConfig(learning_rate=5e-3, epochs=2, batch_size=2, checkpoint_every=2,
+                                seed=0, progress=False)
     steps_seen = []
 
     def on_step(rec):
-        steps_seen.append(rec["step"])
-        if raise_at is not None and rec["step"] == raise_at:
+        steps_seen.append(rec.step)
+        if raise_at is not None and rec.step == raise_at:
             raise KeyboardInterrupt   # a kill between checkpoints
     cb = ft.Callbacks(on_step=on_step, should_stop=(lambda s: s == stop_at) if stop_at else None)
     state = store.load() if resume else None
@@ -348,24 +348,24 @@ def test_kill_between_checkpoints_resumes_from_the_last_one(tmp_path):
     resumed, w_res, _ = _run(store, resume=True)
     assert resumed.start_step == 2 and resumed.final_step == 6
     assert torch.equal(w_res, w_full)
-    assert [r["train_loss"] for r in resumed.history["train"]] == [r["train_loss"] for r in full.history["train"]]
-    assert [r["step"] for r in resumed.history["val"]] == [0, 3, 6]
+    assert [r.train_loss for r in resumed.history.train] == [r.train_loss for r in full.history.train]
+    assert [r.step for r in resumed.history.val] == [0, 3, 6]
 
 
 def test_checkpoint_of_another_setup_is_refused(tmp_path):
     store = ft.CheckpointStore(tmp_path / "c")
     _run(store, stop_at=2)
     torch.manual_seed(0)
-    model = ft.attach_lora(pruned_tiny("llama", 8, 2), ft.LoraSettings(r=2))
+    model = ft.attach_lora(pruned_tiny("llama", 8, 2), ft.LoraConfig(lora_r=2))
     with pytest.raises(UserError, match="different training setup"):
-        ft.train(model, fixed_data(random_examples(6, 10)), ft.TrainSettings(epochs=3, batch_size=2,
-                 show_progress=False), 0, store, store.load())
+        ft.train(model, fixed_data(random_examples(6, 10)), ft.TrainingConfig(epochs=3, batch_size=2,
+                 progress=False), 0, store, store.load())
 
 
 def test_training_curves_figure_has_both_panels():
-    fig = ft.training_curves_figure({"train": [{"step": 1, "train_loss": 2.0, "lr": 1e-3},
-                                               {"step": 2, "train_loss": 1.5, "lr": 5e-4}],
-                                     "val": [{"step": 0, "val_loss": 2.1}, {"step": 2, "val_loss": 1.6}]}, "t")
+    fig = ft.training_curves_figure(ft.History(
+        [ft.StepRecord(1, 0, 1e-3, 2.0, 10), ft.StepRecord(2, 0, 5e-4, 1.5, 10)],
+        [ft.ValRecord(0, 0.0, 2.1), ft.ValRecord(2, 1.0, 1.6)]), "t")
     loss_ax, lr_ax = fig.axes
     assert [len(line.get_xdata()) for line in loss_ax.lines] == [2, 2]
     assert list(lr_ax.lines[0].get_ydata()) == [1e-3, 5e-4]
@@ -377,11 +377,197 @@ def test_gradient_checkpointing_changes_memory_not_results():
     histories = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        m = ft.attach_lora(pruned_tiny("mistral", 8, 2), ft.LoraSettings(r=2, dropout=0.0), gradient_checkpointing=ckpt)
+        m = ft.attach_lora(pruned_tiny("mistral", 8, 2), ft.LoraConfig(lora_r=2, lora_dropout=0.0), gradient_checkpointing=ckpt)
         assert m.base_model.model.is_activation_checkpointing == ckpt
-        res = ft.train(m, data, ft.TrainSettings(learning_rate=1e-2, max_steps=2, batch_size=2,
-                       show_progress=False), pad_id=0)
-        histories.append([r["train_loss"] for r in res.history["train"]] + [r["val_loss"] for r in res.history["val"]])
+        res = ft.train(m, data, ft.TrainingConfig(learning_rate=1e-2, max_steps=2, batch_size=2,
+                       progress=False), pad_id=0)
+        histories.append([r.train_loss for r in res.history.train] + [r.val_loss for r in res.history.val])
         merged = ft.merge(m)
         assert not getattr(merged, "is_activation_checkpointing", False) and merged.config.use_cache
     assert histories[0] == pytest.approx(histories[1], rel=1e-5)
+
+
+# ------------------------------------------------------------------------------ config tree
+
+@pytest.mark.parametrize("alias,expected", [("demo", "demo"), ("Llama", "alpaca")])
+def test_auto_dataset_is_the_demo_corpus_only_for_the_demo_model(alias, expected):
+    assert ft.DataConfig(dataset="auto").source(alias) == expected
+    assert ft.DataConfig(dataset="squad").source(alias) == "squad"
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"lora_r": 0}, r"^lora_r must be >= 1, got 0; pass e\.g\. 8$"),
+    ({"lora_alpha": 0.0}, r"^lora_alpha must be > 0, got 0\.0; pass e\.g\. 16$"),
+    ({"lora_dropout": 1.0}, r"^lora_dropout must be in \[0, 1\), got 1\.0; pass e\.g\. 0\.05$"),
+    ({"learning_rate": 0.0}, r"^learning_rate must be > 0, got 0\.0; pass e\.g\. 1e-4$"),
+    ({"epochs": 0}, r"^epochs must be >= 1, got 0; pass a positive epochs$"),
+    ({"checkpoint_every": 0}, r"^checkpoint_every must be >= 1, got 0; pass a positive checkpoint_every$"),
+    ({"max_steps": 0}, r"^max_steps must be >= 1 or none, got 0; pass a positive max_steps$"),
+    ({"finetune_samples": 0}, r"^finetune_samples must be >= 1 or none, got 0"),
+    ({"seq_len": 1}, r"^seq_len must be >= 2, got 1; pass e\.g\. 256$"),
+    ({"val_fraction": 1.0}, r"^val_fraction must be in \[0, 1\), got 1\.0"),
+    ({"warmup_ratio": 1.0}, r"^warmup_ratio must be in \[0, 1\), got 1\.0"),
+    ({"resume": "maybe"}, r"^resume must be one of auto, true, false, got 'maybe'; pass auto, true or false$"),
+    ({"template": "nope"}, r"^unknown template 'nope'; use auto or one of alpaca, chat, qa, text$"),
+    ({"target_modules": " , "}, r"^target_modules is empty"),
+    ({"dataset": "no-such-set"}, r"^unknown dataset 'no-such-set'; use auto, one of .*alpaca.*squad.*wikitext2"),
+    ({"keep_mask": "maybe"}, r"^unknown keep_mask 'maybe'; use one of auto, true, false$"),
+])
+def test_every_flag_is_checked_when_the_tree_is_built(values, match):
+    from gqaprune.config import build
+    with pytest.raises(UserError, match=match):
+        build(ft.FinetuneConfig, values)
+
+
+def test_trajectory_holds_exactly_the_settings_that_change_training():
+    from gqaprune.config import build, leaves
+    cfg = ft.FinetuneConfig()
+    assert set(cfg.trajectory()) == {
+        "template", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "epochs",
+        "finetune_samples", "seq_len", "batch_size", "gradient_accumulation", "seed", "val_fraction",
+        "train_on_prompt", "dtype", "max_steps", "warmup_ratio", "weight_decay", "max_grad_norm"}
+    # where it runs, how it is logged / saved, and the mask do not change the key
+    moved = build(ft.FinetuneConfig, {"device": "cpu", "checkpoint_every": 3, "progress": False,
+                                      "gradient_checkpointing": True, "keep_mask": "false", "eval_after": True,
+                                      "output_dir": "x", "resume": "false"})
+    assert moved.trajectory() == cfg.trajectory()
+    assert build(ft.FinetuneConfig, {"lora_r": 4}).trajectory() != cfg.trajectory()
+    assert len({leaf.name for leaf in leaves(ft.FinetuneConfig)}) == len(leaves(ft.FinetuneConfig))
+
+
+# ------------------------------------------------------------------------------ record sources
+
+def test_record_sources_are_the_data_registry_and_load_records_uses_it(monkeypatch):
+    from gqaprune import data
+    from gqaprune.datadir import DataCopy
+    from gqaprune.registry import Registry
+    assert {"alpaca", "alpaca-cleaned", "yahma/alpaca-cleaned", "squad"} <= set(data.RECORD_SOURCES)
+    assert data.RECORD_SOURCES.get("alpaca").form == "instruction" and data.RECORD_SOURCES.get("squad").form == "qa"
+    assert data.RECORD_SOURCES.get("alpaca") is data.RECORD_SOURCES.get("yahma/alpaca-cleaned")
+
+    class Fixed(data.RecordSource):
+        def load(self, name, data_dir=None):
+            return [{"context": "C", "question": "Q", "answers": {"text": ["A"]}}], DataCopy(self.ref, "hub")
+    reg = Registry("dataset")
+    reg.register("tiny-qa", Fixed("me/tiny-qa", "qa", "train", "one record"))
+    monkeypatch.setattr(data, "RECORD_SOURCES", reg)
+    out = ft.load_records("tiny-qa")
+    assert (out.form, out.records, out.source) == ("qa", [{"context": "C", "question": "Q", "answer": "A"}],
+                                                   "me/tiny-qa [train]")
+    assert [c.origin for c in out.copies] == ["hub"]
+    with pytest.raises(UserError, match="use one of .*tiny-qa"):
+        ft.load_records("no-such-set")
+
+
+def test_typed_stats_and_history_round_trip(tok, text_file):
+    fdata = ft.build_data(tok, ft.load_records(str(text_file)), seq_len=16, finetune_samples=10, val_fraction=0.2)
+    assert fdata.stats() == ft.DataStats(10, 2, 0, sum(e.n_targets for e in fdata.train))
+    h = ft.History([ft.StepRecord(1, 0, 1e-3, 2.5, 40)], [ft.ValRecord(0, 0.0, 3.0), ft.ValRecord(1, 1.0, 2.0)])
+    assert ft.History.from_dict(h.to_dict()) == h
+    assert h.to_dict()["train"] == [{"step": 1, "epoch": 0, "lr": 1e-3, "train_loss": 2.5, "tokens": 40}]
+
+
+# ------------------------------------------------------------------------------ sparse models: the mask
+
+def zero_share(model, layer, proj, share):
+    """Zero the first ``share`` of the weights (row-major) of one projection; returns the count."""
+    from gqaprune import arch
+    lin = dict(arch.named_linears(arch.decoder_layers(model)[layer]))[proj]
+    n = round(share * lin.weight.numel())
+    with torch.no_grad():
+        lin.weight.view(-1)[:n] = 0
+    return n, sum(lin.weight.numel() for layer_ in arch.decoder_layers(model) for _, lin in arch.named_linears(layer_))
+
+
+@pytest.mark.parametrize("share,keep_mask,kept", [
+    (0.0, "auto", False), (0.005, "auto", False), (0.01, "auto", True), (0.5, "auto", True),
+    (0.0, "true", True), (0.5, "false", False)])
+def test_zero_pattern_is_kept_for_sparse_models(share, keep_mask, kept):
+    model = make_tiny_model("llama", 8, 2, layers=2)
+    n, total = zero_share(model, 1, "mlp.up_proj", share)
+    pattern = ft.zero_pattern(model, keep_mask)
+    assert pattern.kept == kept
+    assert pattern.sparsity == n / total                        # exact: zeros / weights of the 7 projections
+    assert pattern.max_share == pytest.approx(share, abs=1e-3)
+    if kept:
+        assert int(sum((~m).sum() for m in pattern.masks.values())) == n
+
+
+def sparse_tiny(family, n_heads, n_kv):
+    from gqaprune.sparsity import SparsityConfig, sparsify
+    model = make_tiny_model(family, n_heads, n_kv, layers=2)
+    sparsify(model, None, SparsityConfig(method="magnitude_unstructured", sparsity=0.5), progress=False)
+    return model
+
+
+@pytest.mark.parametrize("family,n_heads,n_kv", [("llama", 8, 2), ("qwen2", 8, 2), ("mistral", 8, 1)])
+def test_merge_keeps_the_zero_pattern_of_a_sparse_model(family, n_heads, n_kv):
+    from gqaprune.config import build
+    from gqaprune.sparsity import weight_masks
+    model = sparse_tiny(family, n_heads, n_kv)
+    masks = weight_masks(model)
+    cfg = build(ft.FinetuneConfig, {"lora_r": 4, "lora_dropout": 0.0, "learning_rate": 1e-2, "max_steps": 2,
+                                    "batch_size": 4, "progress": False})
+    torch.manual_seed(0)
+    prep = ft.prepare(model, cfg)
+    assert prep.zeros.kept and prep.zeros.sparsity == pytest.approx(0.5, abs=0.01)
+    data = fixed_data(random_examples(4, 12, seed=5, prompt_len=3))
+    ft.train(prep.peft_model, data, cfg.training, pad_id=0)
+    untouched = weight_masks(prep.peft_model)          # training leaves the frozen base (and its zeros) as is
+    out = ft.finish(prep, data, cfg, pad_id=0)
+    after = weight_masks(out.model)
+    assert all(torch.equal(after[k], masks[k]) for k in masks)          # the zero pattern is unchanged
+    assert all(torch.equal(untouched[k], masks[k]) for k in masks)
+    assert out.mask.kept and out.mask.rezeroed > 0
+    assert out.mask.sparsity_after == out.mask.sparsity_before == prep.zeros.sparsity
+    assert out.val_loss == pytest.approx(ft.mean_loss(out.model, data.val, 4, 0))
+
+
+def test_kept_weights_hold_the_plain_merge_values_and_dense_models_merge_as_before():
+    from gqaprune.config import build
+    cfg = build(ft.FinetuneConfig, {"lora_r": 2, "lora_dropout": 0.0, "progress": False})
+    results = {}
+    for keep in ("auto", "false"):
+        torch.manual_seed(0)
+        prep = ft.prepare(sparse_tiny("llama", 8, 2), ft.FinetuneConfig(mask=ft.MaskConfig(keep), lora=cfg.lora))
+        with torch.no_grad():
+            for name, p in prep.peft_model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        results[keep] = ft.finish(prep, fixed_data(random_examples(2, 8)), cfg, 0)
+    kept, plain = results["auto"], results["false"]
+    assert not plain.mask.kept and plain.mask.rezeroed == 0 and plain.val_loss is None
+    assert plain.mask.sparsity_after < 0.01 < kept.mask.sparsity_after          # dense again without the mask
+    for (name, a), (_, b) in zip(kept.model.named_parameters(), plain.model.named_parameters()):
+        assert torch.equal(a, b * (a != 0)), name                # masked entries zeroed, the rest as merged
+    dense = ft.prepare(make_tiny_model("llama", 8, 2, layers=2), cfg)
+    assert not dense.zeros.kept and dense.zeros.masks is None
+    assert ft.finish(dense, fixed_data(random_examples(2, 8)), cfg, 0).mask.rezeroed == 0
+
+
+@pytest.fixture
+def offline_datasets(monkeypatch):
+    """``datasets`` reads the offline flags at import: set them in the imported modules too."""
+    import datasets.config as dcfg
+    import huggingface_hub.constants as hcfg
+    for mod, attr in ((dcfg, "HF_HUB_OFFLINE"), (dcfg, "HF_DATASETS_OFFLINE"), (hcfg, "HF_HUB_OFFLINE")):
+        monkeypatch.setattr(mod, attr, True)
+
+
+def test_record_sources_read_the_data_dirs_local_copy_offline(tmp_path, offline_datasets):
+    import local_copies as lc
+    from gqaprune.datadir import DataDir
+    lc.write_alpaca(tmp_path / "data")
+    lc.write_squad(tmp_path / "data")
+    dd = DataDir(tmp_path / "data", tmp_path / "hf_cache")
+    alpaca = ft.load_records("alpaca", dd)
+    assert alpaca.form == "instruction" and len(alpaca.records) == 10
+    assert alpaca.records[1] == {"instruction": "w8 w8", "input": "", "output": "w1 w5"}
+    assert alpaca.source.startswith("yahma/alpaca-cleaned [train] (local copy ") and "sha256" in alpaca.source
+    squad = ft.load_records("squad", dd)
+    assert squad.form == "qa" and (len(squad.records), squad.skipped) == (3, 3)   # 3 unanswerable
+    assert set(squad.records[0]) == {"context", "question", "answer"}
+    # a data dir without the copy, offline: the data dir's own message names the expected path
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no local copy of yahma/alpaca-cleaned at .*empty.*fetch_data"):
+        ft.load_records("alpaca", DataDir(tmp_path / "empty"))

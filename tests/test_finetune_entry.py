@@ -11,6 +11,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import make_tiny_model, make_word_tokenizer
 from gqaprune import checkpoint
+from gqaprune import finetune as ft
+from gqaprune.sparsity import SparsityConfig, sparsify, weight_masks
 from gqaprune.structured.plan import LayerPlan, PruningPlan
 from gqaprune.structured.surgery import apply_plan
 from gqaprune.structured.units import model_shapes
@@ -93,6 +95,9 @@ def test_pruned_model_end_to_end_logs_curves_adapter_and_loadable_merged_model(
     assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     assert not any((tmp_path / "ck").iterdir())   # a finished run leaves no checkpoint behind
+    # a dense (structurally pruned) model merges as before: no mask taken, nothing re-zeroed
+    assert run.data.tags[schema.TAG_FT_MASK_KEPT] == "false" and m[schema.M_FT_MASK_REZEROED] == 0
+    assert m[schema.M_FT_BASE_SPARSITY] == m[schema.M_FT_MERGED_SPARSITY] == 0
 
 
 def test_from_prune_run_links_the_source_and_evaluates_as_child(tracking_store, saved_tiny_model, text_file, tmp_path):
@@ -130,6 +135,8 @@ def test_from_prune_run_links_the_source_and_evaluates_as_child(tracking_store, 
     (["--resume", "true"], "ok", "no checkpoint"),
     (["--eval_after", "true", "--eval_args", "--bogus 1"], "ok", "unrecognized"),
     (["--no_such_flag", "1"], "ok", "unrecognized"),
+    (["--keep_mask", "maybe"], "ok", "unknown keep_mask 'maybe'"),
+    (["--data_dir", "/no/such/dir"], "ok", "is not a folder"),
 ])
 def test_bad_input_exits_2_and_fails_the_run(tracking_store, pruned_dir, alpaca_file, tmp_path, capsys,
                                             extra, dataset, match):
@@ -173,8 +180,69 @@ def test_killed_run_resumes_from_its_last_checkpoint_in_a_new_run(
         assert history(client, resumed.info.run_id, key) == history(client, ref.info.run_id, key)
 
 
-@pytest.mark.parametrize("alias,expected", [("demo", "demo"), ("Llama", "alpaca")])
-def test_auto_dataset_is_the_demo_corpus_only_for_the_demo_model(alias, expected):
-    source = entry.Source(store.Resolved(None, alias, None), alias, alias, {})
-    assert entry.dataset_of(entry.FinetuneConfig(dataset="auto"), source) == expected
-    assert entry.dataset_of(entry.FinetuneConfig(dataset="squad"), source) == "squad"
+
+@pytest.mark.parametrize("argv,source,dataset,key", [
+    # keys written by the entry point before the config tree (same settings -> same checkpoint dir)
+    ([], (None, "demo", None, "demo", "demo"), "demo", "7a68f0b73451d536"),
+    ("--lora_r 4 --lora_alpha 8 --learning_rate 5e-3 --epochs 2 --finetune_samples 10 --max_steps 7 "
+     "--template alpaca --dtype float32 --seq_len 96 --gradient_checkpointing true --checkpoint_every 3 "
+     "--progress false --train_on_prompt true --weight_decay 0.01 --target_modules attn".split(),
+     ("/tmp/x", "runs:/abc/pruned_model", "abc", "/tmp/x", "Llama"), "alpaca", "7dcdbbbed88cd993"),
+])
+def test_config_key_is_stable_for_identical_settings(argv, source, dataset, key):
+    local, name, run_id, load_from, alias = source
+    src = entry.Source(store.Resolved(local, name, run_id), load_from, alias, {})
+    assert ft.config_key(entry.trajectory_settings(entry.parse(argv), src, dataset)) == key
+    moved = entry.parse(argv + ["--keep_mask", "false", "--checkpoint_dir", "/elsewhere", "--device", "cpu"])
+    assert ft.config_key(entry.trajectory_settings(moved, src, dataset)) == key
+
+
+@pytest.fixture
+def sparse_dir(tmp_path):
+    """A tiny Llama made 50% sparse (magnitude, per row) and saved as a normal checkpoint + tokenizer."""
+    model = make_tiny_model("llama", 8, 2, layers=2)
+    sparsify(model, None, SparsityConfig(method="magnitude_unstructured", sparsity=0.5), progress=False)
+    out = tmp_path / "sparse"
+    checkpoint.save_model(model, make_word_tokenizer(tmp_path / "tok"), out)
+    return out, weight_masks(model)
+
+
+@pytest.mark.parametrize("keep_mask", ["auto", "false"])
+def test_sparse_model_keeps_its_zero_pattern_through_finetune_and_merge(
+        tracking_store, sparse_dir, text_file, tmp_path, keep_mask):
+    model_dir, masks = sparse_dir
+    assert entry.main(args(model_dir, text_file, tmp_path / "ck", "--max_steps", "3", "--seq_len", "32",
+                           "--keep_mask", keep_mask)) == 0
+    client = MlflowClient()
+    run = last_run(client)
+    m, tags = run.data.metrics, run.data.tags
+    assert run.info.status == "FINISHED" and run.data.params["keep_mask"] == keep_mask
+    assert m[schema.M_FT_BASE_SPARSITY] == pytest.approx(0.5, abs=0.01)
+    local = client.download_artifacts(run.info.run_id, schema.A_FINETUNED_MODEL, str(tmp_path / "dl"))
+    after = weight_masks(checkpoint.load_model(local))
+    if keep_mask == "auto":   # detected as sparse: the mask is re-applied after the merge
+        assert tags[schema.TAG_FT_MASK_KEPT] == "true"
+        assert all(torch.equal(after[k], masks[k]) for k in masks)
+        assert m[schema.M_FT_MERGED_SPARSITY] == m[schema.M_FT_BASE_SPARSITY]
+        assert m[schema.M_FT_MASK_REZEROED] > 0 and schema.M_FT_VAL_LOSS_MERGED in m
+    else:                     # the plain merge: W + s B A is dense again
+        assert tags[schema.TAG_FT_MASK_KEPT] == "false"
+        assert m[schema.M_FT_MERGED_SPARSITY] < 0.01 and m[schema.M_FT_MASK_REZEROED] == 0
+        assert schema.M_FT_VAL_LOSS_MERGED not in m
+
+
+def test_hub_dataset_from_a_local_copy_offline(tracking_store, pruned_dir, tmp_path, monkeypatch):
+    """dataset=alpaca on a machine without the hub: the data dir's copy (fetch_data's layout)."""
+    import datasets.config as dcfg
+    import local_copies as lc
+    monkeypatch.setattr(dcfg, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(dcfg, "HF_HUB_OFFLINE", True)
+    lc.write_alpaca(tmp_path / "data")
+    assert entry.main(args(pruned_dir, "alpaca", tmp_path / "ck", "--max_steps", "2", "--data_dir",
+                           str(tmp_path / "data"), "--cache_dir", str(tmp_path / "hf"))) == 0
+    run = last_run()
+    assert run.info.status == "FINISHED" and run.data.tags[schema.TAG_FT_FORM] == "instruction"
+    assert run.data.params[schema.P_FT_DATASET_SOURCE].startswith("yahma/alpaca-cleaned [train] (local copy")
+    assert (run.data.metrics["train_examples"], run.data.metrics["val_examples"]) == (9, 1)
+    where, sha = schema.data_params("yahma/alpaca-cleaned")
+    assert run.data.params[where] == str(tmp_path / "data" / "yahma" / "alpaca-cleaned") and len(run.data.params[sha]) == 16

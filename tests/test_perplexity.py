@@ -79,7 +79,8 @@ def test_bigram_perplexity_is_exact(table, cls, T, seq_len, stride, bos):
 
 def test_uniform_logits_give_vocab_size():
     stream = stream_of(30)
-    got = perplexity(BigramLM(torch.zeros(V, V)), stream, PplProtocol("t", seq_len=7), BOS, show_progress=False)
+    got = perplexity(BigramLM(torch.zeros(V, V)), stream, PplProtocol("t", seq_len=7, bos=True), BOS,
+                     show_progress=False)
     assert got.ppl == pytest.approx(V, rel=1e-6)  # float32 log-softmax
     assert got.tokens == 30 and got.windows == 5
 
@@ -109,8 +110,8 @@ def test_bos_is_context_never_target(table):
     stream = stream_of(24)
     t2 = table.clone()
     t2[:, BOS] += 100.0  # making BOS likely as a *target* changes every token's normaliser ...
-    a = perplexity(BigramLM(table), stream, PplProtocol("t", seq_len=8), BOS, show_progress=False)
-    b = perplexity(BigramLM(t2), stream, PplProtocol("t", seq_len=8), BOS, show_progress=False)
+    a = perplexity(BigramLM(table), stream, PplProtocol("t", seq_len=8, bos=True), BOS, show_progress=False)
+    b = perplexity(BigramLM(t2), stream, PplProtocol("t", seq_len=8, bos=True), BOS, show_progress=False)
     assert b.ppl > a.ppl * 1e10                     # ... so ppl explodes, but
     assert a.tokens == b.tokens == 24               # BOS itself is never counted as a target
 

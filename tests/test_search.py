@@ -146,10 +146,14 @@ def test_failing_point_is_reported_and_the_others_run(tracking_store, sweep_args
     assert "FAILED prune: pruning_ratio 0.97 is too high" in capsys.readouterr().out
 
 
-def test_failed_eval_is_reported_and_resume_keeps_the_prune_run(tracking_store, sweep_args, text_file):
-    bad = sweep_args(methods="magnitude", ratios="0.3")
-    bad[bad.index("--eval_args") + 1] += " --tasks no_such_task_xyz"
-    assert search.main(bad) == 2                      # the only point failed (and the dense eval)
+def test_failed_eval_is_reported_and_resume_keeps_the_prune_run(tracking_store, sweep_args, text_file,
+                                                                monkeypatch):
+    """An eval that fails at run time (a typo in a task name fails before any point: see below)."""
+    def broken(*args, **kwargs):
+        raise UserError("corpus no_such_task_xyz vanished", "put it back")
+    with monkeypatch.context() as m:
+        m.setattr(evaluate, "run_perplexity", broken)
+        assert search.main(sweep_args(methods="magnitude", ratios="0.3")) == 2   # the point and the dense eval
     frame = summary_of(last_search())
     assert frame["status"].tolist() == ["failed", "failed"]
     assert all(e.startswith("eval: ") and "no_such_task_xyz" in e for e in frame["error"])
@@ -162,6 +166,14 @@ def test_failed_eval_is_reported_and_resume_keeps_the_prune_run(tracking_store, 
     assert fixed["resumed"].isna().iloc[0] and fixed["resumed"].iloc[1] == "prune"
     assert fixed["prune_run_id"][1] == frame["prune_run_id"][1]
     assert len(experiment_runs(schema.STAGE_PRUNE)) == 1
+
+
+def test_unknown_task_fails_before_the_first_point(tracking_store, sweep_args, capsys):
+    bad = sweep_args(methods="magnitude", ratios="0.3")
+    bad[bad.index("--eval_args") + 1] += " --tasks no_such_task_xyz"
+    assert search.main(bad) == 2
+    assert "unknown task 'no_such_task_xyz'" in capsys.readouterr().err
+    assert last_search().info.status == "FAILED" and experiment_runs(schema.STAGE_PRUNE) == []
 
 
 def test_stop_on_error_and_all_failed(tracking_store, sweep_args, capsys):
@@ -208,16 +220,17 @@ def test_dry_run_lists_points(tracking_store, sweep_args, capsys):
     grid = '{"reconstruct": ["none", "lstsq"]}'
     assert search.main(sweep_args("--grid", grid, "--dry_run", "true")) == 0
     out = capsys.readouterr().out
-    parent = last_search()
-    assert parent.info.status == "FINISHED" and "dry run: 8 point(s) + 1 dense eval(s)" in out
+    assert "dry run: 8 point(s) + 1 dense eval(s), nothing pruned, no run created" in out
     assert out.count("| taylor | 0.35 | lstsq |") == 1 and out.count("| magnitude |") == 4
     assert out.count("| dense | 0.0 |") == 1 and "| 1 | llama-8-2 | dense |" in out   # listed first
-    assert experiment_runs(schema.STAGE_PRUNE) == [] and experiment_runs(schema.STAGE_EVAL) == []
-    plan = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/{schema.A_SEARCH_PLAN}")
+    assert experiment_runs() == []                     # a dry run creates no run
+    plan = search._plan_dict(search.parse(sweep_args("--grid", grid)))
     assert len(plan) == 9 and len({p["search_point"] for p in plan}) == 9
     assert [p["dense"] for p in plan] == [False] * 8 + [True] and plan[8]["prune_args"] == []
     assert plan[8]["eval_args"] == plan[0]["eval_args"] and plan[8]["search_eval_key"] == plan[0]["search_eval_key"]
     assert plan[1]["grid"] == {"reconstruct": "lstsq"} and plan[1]["prune_args"][-2:] == ["--reconstruct", "lstsq"]
+    assert search.main(sweep_args("--dry_run", "true", "--ratios", "2")) == 2     # bad input: still no run
+    assert experiment_runs() == []
 
 
 def test_point_key_is_a_hash_of_resolved_settings(sweep_args):
@@ -338,8 +351,9 @@ def test_failed_dense_eval_is_reported_and_does_not_stop_the_sweep(tracking_stor
     and the FAILED child carries its point's tags (set at its start, before parsing)."""
     model, real = sweep_args()[1], evaluate.run_child
 
-    def dense_breaks(model_uri, config=None, extra_tags=None, overrides=None):
-        return real(model_uri, config, extra_tags, {"ppl_seq_len": "0"} if model_uri == model else overrides)
+    def dense_breaks(model_uri, config=None, extra_tags=None, overrides=None, parent_run_id=None):
+        return real(model_uri, config, extra_tags, {"ppl_seq_len": "0"} if model_uri == model else overrides,
+                    parent_run_id)
 
     monkeypatch.setattr(search.evaluate, "run_child", dense_breaks)
     assert search.main(sweep_args("--stop_on_error", "true", methods="magnitude", ratios="0.3")) == 0

@@ -96,7 +96,7 @@ def _help(leaf: Leaf) -> str:
     if names:
         parts.append(f"one of {', '.join(map(str, names))}")
     parts.append(f"default {'none' if leaf.default is None else leaf.default}")
-    return "; ".join(parts)
+    return "; ".join(parts).replace("%", "%%")     # argparse formats help with %
 
 
 def add_config(parser: argparse.ArgumentParser, config_cls, skip: Sequence[str] = ()) -> None:

@@ -34,6 +34,8 @@ TAG_PARENT_RUN = "mlflow.parentRunId"
 TAG_FAILURE = "failure_reason"      # one-line reason of a FAILED run
 TAG_RUN_NAME = "mlflow.runName"
 TAG_NOT_APPLIED = "not_applied_params"  # prune: name=value of settings the method does not read
+TAG_SOURCE_RATIO = "source_target_ratio"       # eval: the prune run's target ratio (see ratio_kind)
+TAG_SOURCE_ACHIEVED = "source_achieved_ratio"  # eval: the prune run's achieved ratio / sparsity
 
 STAGE_PRUNE = "prune"
 STAGE_FINETUNE = "finetune"
@@ -74,6 +76,44 @@ A_GRAD_DIAGNOSIS_FIG = "gradient_diagnosis.png"
 A_GRAD_VERDICT = "gradient_diagnosis_verdict.txt"
 A_LAYER_RATES = "layer_rates.csv"
 A_LAYER_RATES_FIG = "layer_rates.png"
+
+# ---- prune: sparsity methods (wanda, sparsegpt, magnitude_unstructured, block_hybrid) -------
+# Sparsity = zeros / weights of the 7 projection matrices of every decoder layer (embeddings,
+# lm_head, norms and biases never pruned, never counted).
+M_TARGET_SPARSITY = "target_sparsity"
+M_ACHIEVED_SPARSITY = "achieved_sparsity"
+M_LAYER_SPARSITY = "sparsity/layer_{layer:02d}"
+M_LAYER_TARGET_SPARSITY = "target_sparsity/layer_{layer:02d}"
+M_NM_GROUPS = "nm_groups"                            # N:M groups checked
+M_NM_VIOLATIONS = "nm_violations"                    # groups with more than N non-zeros
+M_MAX_DAMPING = "max_damping"                        # sparsegpt: largest relative damping used
+M_CALIB_FORWARDS = "calibration_forward_equivalents"  # calibration cost in full forward passes
+M_CALIB_STATS_MB = "calibration_stats_mb"            # peak statistics memory (XtX, norms)
+M_CALIB_LAYER_ACT_MB = "calibration_layer_activation_mb"   # one layer's calibration activations
+M_CALIB_ALL_ACT_MB = "calibration_all_layers_activation_mb"  # what holding every layer's would cost
+M_MODEL_SPARSITY = "model/sparsity"                  # eval: zeros share of the projection weights
+TAG_RATIO_KIND = "ratio_kind"                        # prune: what the target ratio measures
+RATIO_STRUCTURED = "prunable_params_removed"         # structured: pruning_ratio
+RATIO_SPARSITY = "weights_zeroed"                    # sparsity: the sparsity param
+P_SPARSITY = "sparsity"                              # prune: the target sparsity param
+A_SPARSITY_LAYERS = "sparsity_by_layer.csv"
+A_SPARSITY_PROJECTIONS = "sparsity_by_projection.csv"
+A_SPARSITY_FIG = "sparsity_by_layer.png"
+A_SPARSITY_PROVENANCE = "sparsity_provenance.json"   # config, calibration, OWL rates, checks
+
+# ---- prune: obs (reconstruction-aware selection, joint select + commit) ----------------------
+M_OBS_REMOVED_GROUPS = "removed_kv_groups/layer_{layer:02d}"
+M_OBS_REMOVED_CHANNELS = "removed_channels/layer_{layer:02d}"
+M_OBS_LAYER_RATE = "removed_frac/layer_{layer:02d}"        # fraction of the layer's prunable params
+# relative error ||X_K W_K^T - Y|| / ||Y|| per projection; when: pruned (surgery alone, before
+# compensation) | after (compensated)
+M_OBS_ERR = "obs_err_{when}/layer_{layer:02d}_{proj}"
+M_OBS_ERR_MEAN = "obs_err_{when}/mean"
+M_OBS_TIME = "obs_time_s"
+M_OBS_STATS_MB = "obs_stats_mb"                            # statistics + greedy state held at once
+A_OBS_LAYERS = "obs_by_layer.csv"
+A_OBS_PROJECTIONS = "obs_errors_by_projection.csv"
+A_OBS_FIG = "obs_by_layer.png"
 
 # ---- prune: training-free reconstruction (gqaprune/structured/reconstruct.py) -------------
 M_RECON_TIME = "reconstruction_time_s"               # layer-wise surgery + refit, all layers
@@ -123,6 +163,14 @@ TAG_FT_RESUMED_FROM = "resumed_from_run_id"
 TAG_FT_RESUMED_STEP = "resumed_from_step"
 TAG_FT_EVAL_RUN = "eval_child_run_id"
 TAG_CHECKPOINT_FORMAT = "checkpoint_format"  # vanilla | remote_code
+TAG_FT_MASK_KEPT = "sparse_mask_kept"     # true | false: the zero pattern was re-applied after the merge
+M_FT_BASE_SPARSITY = "base_sparsity"      # zeros / weights of the 7 projections of every layer, before LoRA
+M_FT_MERGED_SPARSITY = "merged_sparsity"  # the same of the merged (saved) model
+M_FT_MASK_REZEROED = "mask_rezeroed_weights"  # weights the merge made non-zero that the mask zeroed again
+M_FT_VAL_LOSS_MERGED = "val_loss_merged"  # val loss of the merged model when the mask changed weights
+P_FT_DATASET_RESOLVED = "dataset_resolved"    # the dataset "auto" resolved to
+P_FT_DATASET_SOURCE = "dataset_source"        # where the records came from (split / part of a file)
+P_FT_TEMPLATE_RESOLVED = "template_resolved"  # the template "auto" resolved to
 A_FT_CURVES = "finetune_curves.png"
 A_FT_HISTORY = "finetune_history.csv"
 A_FT_TEMPLATE = "prompt_template.json"
@@ -149,6 +197,7 @@ P_PPL_RUN = "ppl_datasets_run"            # comma-separated dataset keys of the 
 P_PPL_PROTOCOL = "ppl_protocol/{dataset}"  # one-line protocol description per dataset
 A_EVAL_RESULTS = "eval_results.json"
 A_ZS_TABLE = "zeroshot_results.csv"
+A_ZS_GENERATIVE = "zeroshot_generative.csv"   # SQuAD v2 / GSM8K: exact match, F1 (never in the mean)
 A_ZS_FIG = "zeroshot_accuracy.png"
 A_OFFLINE_TASKS = "offline_tasks"
 A_COMPARE_JSON = "comparison.json"
@@ -259,8 +308,48 @@ def lm_eval_metric(task: str, key: str) -> str:
     return metric_name(task, measure)
 
 
+# ---- robustness (issues 12, 15): liveness tags, reasons, launcher redirect, environment knobs ----
+# ---- liveness: who owns a RUNNING run, and is that process still there -----------------------
+TAG_HOST = "liveness/host"            # socket.gethostname() of the process that runs the run
+TAG_PID = "liveness/pid"              # its PID
+TAG_PID_START = "liveness/pid_start"  # its start time (/proc/<pid>/stat field 22, clock ticks after
+                                      # boot): a reused PID has another start time
+TAG_MACHINE = "liveness/machine"      # "<boot id>:<pid namespace>": where PID + start are meaningful
+TAG_HEARTBEAT = "liveness/heartbeat"  # unix seconds of the last heartbeat (a daemon thread)
+TAG_CLOSED_BY = "liveness/closed_by"  # on a run closed for its dead process: who closed it and why
+
+# ---- reasons (values of schema.TAG_FAILURE) --------------------------------------------------
+REASON_KILLED = "killed"                     # the process died without closing (SIGKILL, OOM, node)
+REASON_SIGNAL = "killed by {signal}"         # KILLED by SIGTERM / SIGINT / SIGHUP
+REASON_INTERRUPTED = "interrupted by the user"  # a KeyboardInterrupt raised without a signal
+
+# ---- one experiment whichever launcher --------------------------------------------------------
+MLFLOW_DEFAULT_EXPERIMENT_ID = "0"    # MLflow's "Default": never where our runs land by default
+TAG_LAUNCHER_RUN = "launcher_run_id"  # on a run started under `mlflow run` in Default: the launcher's run
+TAG_MOVED_TO = "moved_to_run_id"      # on that launcher run: the run that holds the results
+TAG_MOVED_TO_EXPERIMENT = "moved_to_experiment"
+TAG_NOTE = "mlflow.note.content"      # the run description shown by the MLflow UI
+
+# ---- environment knobs -------------------------------------------------------------------------
+ENV_HEARTBEAT_S = "GQAPRUNE_HEARTBEAT_S"        # heartbeat period (default 30 s)
+ENV_STALE_AFTER_S = "GQAPRUNE_STALE_AFTER_S"    # a run on another machine is dead after this long
+                                                # without a heartbeat (default 300 s)
+ENV_STORE_RETRY_S = "GQAPRUNE_STORE_RETRY_S"    # how long a store write is retried before its data
+                                                # is spooled (default 60 s SQLite, 300 s server)
+ENV_SPOOL = "GQAPRUNE_SPOOL"                    # spool dir (default <GQAPRUNE_CACHE>/spool)
+
+
 # ---- params resolved at run time (analysis reads them back) ------------------------------------
 P_CALIBRATION_RESOLVED = "calibration_dataset_resolved"   # prune: the source "auto" resolved to
+# where each dataset was read from (issue 14: local copies): per dataset name (sanitised)
+P_DATA_COPY = "data_copy/{name}"          # local copy path, "hub", "file <path>" or "builtin"
+P_DATA_SHA = "data_sha256/{name}"         # content hash of the copy / file (16 hex)
+A_DATA_SOURCES = "data_sources.json"      # every DataCopy.to_dict() of the run
+
+
+def data_params(name: str) -> tuple[str, str]:
+    key = metric_name(name.replace("/", "_"))
+    return P_DATA_COPY.format(name=key), P_DATA_SHA.format(name=key)
 
 
 # ---- run names -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ from mlflow.tracking import MlflowClient
 
 from gqaprune.errors import UserError
 from tracking import schema
-from tracking.runs import use_store
+from tracking.redact import redact
+from tracking.runs import call_store, use_store
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -29,9 +30,12 @@ def _client() -> MlflowClient:
 
 def _download(uri: str) -> str:
     try:
-        return mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return call_store(lambda: mlflow.artifacts.download_artifacts(artifact_uri=uri), f"fetching {uri}")
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001 - mlflow raises several types
-        raise UserError(f"could not fetch '{uri}' from the tracking store ({str(exc).splitlines()[0][:150]})",
+        first = (redact(str(exc)).splitlines() or [type(exc).__name__])[0][:150]
+        raise UserError(f"could not fetch '{redact(uri)}' from the tracking store ({first})",
                         "check the run id / artifact path with `mlflow ui` or MLFLOW_TRACKING_URI") from exc
 
 
@@ -40,15 +44,24 @@ def _run_of(uri: str) -> str | None:
     return m.group(1) if m else None
 
 
+def run_id_in(source: str) -> str | None:
+    """The run id a model source names: a bare run id or a ``runs:/<id>/...`` URI (else None)."""
+    if _RUN_ID.match(source) and not Path(source).exists():
+        return source
+    return _run_of(source)
+
+
 def model_artifact_of_run(run_id: str) -> str:
     """The model artifact path of a prune/finetune run (finetuned first)."""
     client = _client()
     try:
-        client.get_run(run_id)
+        call_store(lambda: client.get_run(run_id), f"reading run {run_id}")
+    except UserError:
+        raise
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"run '{run_id}' not found in {mlflow.get_tracking_uri()}",
+        raise UserError(f"run '{run_id}' not found in {redact(mlflow.get_tracking_uri())}",
                         "pass a run id from this tracking store (see `mlflow ui`)") from exc
-    top = {a.path for a in client.list_artifacts(run_id)}
+    top = {a.path for a in call_store(lambda: client.list_artifacts(run_id), f"listing run {run_id}")}
     for name in schema.MODEL_ARTIFACTS:
         if name in top or logged_model_of_run(run_id, name) is not None:
             return name
@@ -82,7 +95,8 @@ def resolve_file(source: str, what: str) -> str:
 
 
 def get_run(run_id: str):
-    return _client().get_run(run_id)
+    client = _client()
+    return call_store(lambda: client.get_run(run_id), f"reading run {run_id}")
 
 
 def search_runs(experiment_names: list[str] | None = None, filter_string: str = "",
@@ -110,8 +124,10 @@ def find_runs(experiment_id: str, tags: dict[str, str], status: str | None = "FI
     parts = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     if status:
         parts.append(f"attributes.status = '{status}'")
-    return _client().search_runs([experiment_id], filter_string=" and ".join(parts),
-                                 order_by=["attributes.start_time DESC"])
+    client = _client()
+    return call_store(lambda: client.search_runs([experiment_id], filter_string=" and ".join(parts),
+                                                 order_by=["attributes.start_time DESC"]),
+                      "looking up runs by tag")
 
 
 def find_runs_anywhere(tags: dict[str, str], status: str | None = "FINISHED") -> list:
@@ -123,7 +139,9 @@ def find_runs_anywhere(tags: dict[str, str], status: str | None = "FINISHED") ->
     parts = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
     if status:
         parts.append(f"attributes.status = '{status}'")
-    return client.search_runs(ids, filter_string=" and ".join(parts), order_by=["attributes.start_time DESC"])
+    return call_store(lambda: client.search_runs(ids, filter_string=" and ".join(parts),
+                                                 order_by=["attributes.start_time DESC"]),
+                      "looking up runs by tag")
 
 
 # ---- whole-store queries for analysis/ (tables and figures) --------------------------------
@@ -152,7 +170,7 @@ def runs_of_experiments(experiments: list[str] | None = None, include_failed: bo
         by_name = {v: k for k, v in names.items()}
         unknown = [e for e in experiments if e not in by_name]
         if unknown:
-            raise UserError(f"unknown experiment(s) {', '.join(unknown)} in {mlflow.get_tracking_uri()}",
+            raise UserError(f"unknown experiment(s) {', '.join(unknown)} in {redact(mlflow.get_tracking_uri())}",
                             f"use one of: {', '.join(sorted(by_name)) or '(the store has none)'}")
         ids = [by_name[e] for e in experiments]
     if not ids:

@@ -15,6 +15,7 @@ from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
 from gqaprune.evaluation import tasks as offline
 from gqaprune.evaluation import zeroshot
+from gqaprune.datadir import DataDirConfig
 from gqaprune.loading import DEMO_ALIAS, RuntimeConfig
 
 BOS_CHOICES = ("auto", "true", "false")
@@ -28,7 +29,9 @@ class PplConfig(Section):
     ppl_seq_len: int = knob(128, "window length (2048 is common for unstructured pruning)", low=2,
                             fix="pass e.g. 128")
     ppl_stride: int | None = knob(None, "none: non-overlapping windows; else a sliding window (<= ppl_seq_len)")
-    ppl_bos: str = knob("auto", "prefix each window with BOS (auto: if the tokenizer has one)",
+    ppl_bos: str = knob("false", "false: the literature's protocol (one token stream, non-overlapping windows, "
+                        "no BOS inserted; Wanda / SparseGPT / LLM-Pruner); true: a BOS before every window; "
+                        "auto: a BOS if the tokenizer has one",
                         choices=BOS_CHOICES, fix="pass one of auto, true, false")
     ppl_nsamples: int | None = knob(None, "cap on windows per dataset")
     ppl_split: str = knob("test", "hub split; local files: any split but train = the held-out 10%")
@@ -89,6 +92,7 @@ class EvalConfig(Section):
     parent_run_id: str | None = knob(None, "link this run as a child of another (pipelines)")
     output_dir: str | None = knob(None, "also write eval_results.json here")
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    data: DataDirConfig = field(default_factory=DataDirConfig)
     ppl: PplConfig = field(default_factory=PplConfig)
     zeroshot: ZeroShotConfig = field(default_factory=ZeroShotConfig)
     throughput: SpeedConfig = field(default_factory=SpeedConfig)
@@ -110,7 +114,8 @@ def _named(item: str) -> tuple[str, str]:
 
 
 def ppl_sources(cfg: "EvalConfig", is_demo: bool) -> list[tuple[str, str]]:
-    """(metric key, source) per perplexity dataset; sources exist and are reachable."""
+    """(metric key, source) per perplexity dataset; sources exist and are reachable (a hub source:
+    its copy in the data dir, or the hub)."""
     text = cfg.ppl.ppl_datasets.strip()
     if text.lower() == "none":
         return []
@@ -119,10 +124,14 @@ def ppl_sources(cfg: "EvalConfig", is_demo: bool) -> list[tuple[str, str]]:
     out = [_named(x.strip()) for x in text.split(",") if x.strip()]
     for key, src in out:
         if src in data.SOURCES:
-            if src in data.HUB_SOURCES and not data.hub_reachable():
+            try:
+                data.check_source(src, cfg.ppl.ppl_split, cfg.data.resolve())
+            except UserError as exc:
+                if src not in data.HUB_SOURCES:
+                    raise
                 raise UserError(f"perplexity dataset '{src}' is on the Hugging Face hub, which is not "
-                                "reachable (offline)", "pass a local text file in ppl_datasets "
-                                "(e.g. ppl_datasets=mytext=/path/file.txt), or run where the hub is reachable")
+                                f"reachable (offline): {exc}; or pass a local text file in ppl_datasets "
+                                "(e.g. ppl_datasets=mytext=/path/file.txt)") from exc
         elif not Path(src).expanduser().is_file():
             raise UserError(f"unknown perplexity dataset '{src}'",
                             f"use one of {', '.join(sorted(data.SOURCES))} or an existing .txt/.jsonl/.json file")

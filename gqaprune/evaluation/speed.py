@@ -17,6 +17,7 @@ load (thread count is whatever torch uses): compare models measured on the same 
 """
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -82,18 +83,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_kwarg(model) -> str:
+    """The forward's KV-cache argument: ``cache`` in transformers >= 5.2x, ``past_key_values`` before
+    (passing the old name only earns a deprecation warning per call)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def _one_pass(model, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one greedy generation from ``prompt`` [B, P]."""
+    name = _cache_kwarg(model)
     _sync(device)
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     _sync(device)
     t1 = time.perf_counter()
-    past = out.past_key_values
+    past = _cache_of(out)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)                     # [B, 1]
     for _ in range(new_tokens):
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{name: past})
+        past = _cache_of(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)                 # [B, 1]
     _sync(device)
     return t1 - t0, time.perf_counter() - t1

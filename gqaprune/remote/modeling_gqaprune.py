@@ -94,6 +94,9 @@ class GQAPrunedMistralForCausalLM(MistralForCausalLM):
         resize_decoder_layers(self, config)
 
 
+# base model_type -> the stock config class (checkpoints whose model_type is the stock one)
+STOCK_CONFIGS = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+
 # base model_type -> (config class, model class)
 CLASSES = {
     "llama": (GQAPrunedLlamaConfig, GQAPrunedLlamaForCausalLM),

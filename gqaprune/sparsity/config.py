@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 
 from gqaprune import arch
+from gqaprune.config import Section, knob
 from gqaprune.errors import UserError
 
 METHODS = ("wanda", "sparsegpt", "magnitude_unstructured", "block_hybrid")
@@ -24,6 +25,8 @@ SELECTIONS = ("block", "row")
 UNSTRUCTURED = "unstructured"
 TIER_NAMES = ("dense", "nm", "removed")
 SUM_TOLERANCE = 1e-6
+SPARSE_FORMATS = ("dense", "compressed")
+DEFAULT_DAMPING = 0.01      # sparsegpt: relative to the mean Hessian diagonal, as in the paper
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -222,3 +225,32 @@ class SparsityConfig:
 def _divisor_hint(n: int) -> str:
     options = [f"{m // 2}:{m}" for m in (4, 8, 16) if n % m == 0]
     return " or ".join(options) if options else "the unstructured pattern"
+
+
+@dataclass(frozen=True)
+class SparsitySection(Section):
+    """sparsity methods (wanda, sparsegpt, magnitude_unstructured, block_hybrid): zeros inside weights"""
+    sparsity: float | None = knob(None, "fraction of the projection weights set to zero, in [0, 1); none: "
+                                  "implied by an N:M pattern or block_hybrid's tiers")
+    sparsity_pattern: str = knob(UNSTRUCTURED, "unstructured, or N:M (N non-zeros kept in every M consecutive "
+                                 "input weights of a row, e.g. 2:4, 4:8)")
+    block_size: int = knob(16, "block_hybrid: tile side B (B x B tiles)", low=1)
+    tier_fractions: str = knob("0.35,0.45,0.2", "block_hybrid: fractions of tiles kept dense, made N:M, removed")
+    owl: bool = knob(False, "OWL: non-uniform layer sparsity from activation outliers (mean = the target)")
+    owl_lambda: float = knob(0.08, "OWL: span of the layer rates (2*lambda around the target)", low=0.0)
+    owl_m: float = knob(5.0, "OWL: outlier = score above owl_m x its layer's mean", low=0.0, low_open=True)
+    sparsegpt_blocksize: int = knob(128, "sparsegpt: columns per lazy-update block", low=1)
+    sparsegpt_selection: str = knob("block", "sparsegpt, unstructured: mask chosen per block (the paper) or per row",
+                                    choices=SELECTIONS)
+    hessian_dtype: str = knob("float32", "sparsegpt: dtype of X^T X and the row updates", choices=HESSIAN_DTYPES)
+    sparse_format: str = knob("dense", "checkpoint format: dense (a normal HF checkpoint, zeros in place) or "
+                              "compressed (compressed-tensors, for vLLM)", choices=SPARSE_FORMATS)
+
+    def to_config(self, method: str, damping: float | None = None) -> SparsityConfig:
+        """The runtime settings of ``method`` (validated without a model)."""
+        cfg = SparsityConfig(method, self.sparsity, self.sparsity_pattern, self.block_size, self.tier_fractions,
+                             self.owl, self.owl_lambda, self.owl_m, self.sparsegpt_blocksize,
+                             self.sparsegpt_selection, DEFAULT_DAMPING if damping is None else damping,
+                             self.hessian_dtype)
+        cfg.validate()
+        return cfg

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from gqaprune.config import Section, knob
 from gqaprune.structured.conditioning import Conditioning
 from gqaprune.structured.methods import AUTO
+from gqaprune.structured.obs import ObsConfig
 from gqaprune.structured.rates import RatesConfig
 from gqaprune.structured.reconstruct import ReconstructionConfig
 from gqaprune.structured.scorers.taylor import TaylorConfig
 from gqaprune.structured.scoring import SCORERS
 
 # sections that only some methods read (by the scorer's / allocator's ``section`` name)
-METHOD_SECTIONS = ("taylor", "conditioning", "rates")
+METHOD_SECTIONS = ("taylor", "conditioning", "rates", "obs", "reconstruction")
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,4 @@ class StructuredConfig(Section):
     conditioning: Conditioning = field(default_factory=Conditioning)
     rates: RatesConfig = field(default_factory=RatesConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    obs: ObsConfig = field(default_factory=ObsConfig)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 from gqaprune.errors import UserError
 from gqaprune.registry import Registry
-from gqaprune.structured import conditioning, rates, scorers  # noqa: F401  (register allocators, scorers)
+from gqaprune.structured import conditioning, obs, rates, scorers  # noqa: F401  (register allocators, scorers, obs)
 from gqaprune.structured.allocation import ALLOCATORS, Allocation, AllocationRequest, Allocator, layer_range
+from gqaprune.structured.joint import JOINT_METHODS, JointMethod
 from gqaprune.structured.plan import PruningPlan, Provenance
 from gqaprune.structured.scoring import SCORERS, Scorer, UnitScores
 from gqaprune.structured.units import model_shapes
@@ -42,24 +43,34 @@ METHODS.register("blockwise", Method("taylor", "blockwise", "per-block rates fro
 class Resolved:
     method: str
     scorer_name: str
-    scorer: Scorer
+    scorer: Scorer | None
     allocator_name: str
-    allocator: Allocator
+    allocator: Allocator | None
+    joint: JointMethod | None = None     # a method that selects and commits in one walk (obs)
+
+    @property
+    def importance(self) -> str | None:
+        """Granularity of the layer importance the allocator needs (None: none)."""
+        return None if self.allocator is None else self.allocator.importance
 
     @property
     def needs_calibration(self) -> bool:
+        if self.joint is not None:
+            return True
         return self.scorer.needs_calibration or self.allocator.importance is not None
 
     @property
     def sections(self) -> set[str]:
-        """Config sections this combination reads."""
-        return {s for s in (self.scorer.section, self.allocator.section) if s}
+        """Config sections this combination reads (the refit section only outside joint methods)."""
+        if self.joint is not None:
+            return {self.joint.section}
+        return {s for s in (self.scorer.section, self.allocator.section) if s} | {"reconstruction"}
 
 
 def method_names() -> tuple[str, ...]:
     """The registered methods, then every scorer that is not one: a scorer's name as a method
     means that scorer with the global allocator (so a new scorer is a method at once)."""
-    return (*METHODS.names(), *(s for s in SCORERS.names() if s not in METHODS))
+    return (*METHODS.names(), *JOINT_METHODS.names(), *(s for s in SCORERS.names() if s not in METHODS))
 
 
 def method_spec(method: str) -> Method:
@@ -71,6 +82,8 @@ def method_spec(method: str) -> Method:
 
 
 def resolve(method: str, scorer: str = AUTO) -> Resolved:
+    if method in JOINT_METHODS:
+        return Resolved(method, method, None, method, None, JOINT_METHODS.get(method))
     spec = method_spec(method)
     name = spec.scorer if scorer == AUTO else scorer
     return Resolved(method, name, SCORERS.get(name), spec.allocator, ALLOCATORS.get(spec.allocator))

@@ -24,6 +24,7 @@ class DataInfo:
     num_samples: int
     seq_len: int
     seed: int
+    fingerprint: str | None = None    # sha256 of the token ids (obs: replay is bit-exact only on them)
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,9 @@ class Provenance:
             value = getattr(self, f.name)
             if f.name == "extra" or value is None:
                 continue
-            out[f.name] = asdict(value) if isinstance(value, (DataInfo, ReconstructionInfo)) else value
+            if isinstance(value, (DataInfo, ReconstructionInfo)):
+                value = {k: v for k, v in asdict(value).items() if v is not None}
+            out[f.name] = value
         return out
 
     @classmethod

@@ -64,6 +64,7 @@ MODES.register("bias", "local")
 #   local    – the dense sub-block applied to the pruned model's hidden states (mimic the function).
 TARGETS = ("residual", "dense", "local")
 PROJECTIONS = ("o_proj", "down_proj")
+DEFAULT_DAMPING = 0.05       # the refit's ridge, relative to mean(diag(X^T X))
 
 # Per-layer bool lists recording which o_proj / down_proj carry a bias (gqaprune.arch.CFG_O_BIAS,
 # CFG_DOWN_BIAS): written when reconstruction adds biases, read by checkpoint.py and remote code.
@@ -85,10 +86,9 @@ class ReconstructionConfig(Section):
                                     fix="pass a larger reconstruct_samples (default 128)")
     reconstruct_seq_len: int = knob(128, "tokens per reconstruction sequence (BOS first)", low=2,
                                     fix="pass a larger reconstruct_seq_len (default 128)")
-    damping: float = knob(0.05, "ridge damping relative to mean(diag(X^T X)), >= 0", low=0.0,
-                          must="a finite number >= 0",
-                          fix="pass e.g. --damping 0.05 (relative to the mean diagonal of X^T X)")
-    # Not flags: set by code (the pipeline passes the calibration batch size).
+    # Not flags: set by code (the pipeline passes the root ``damping`` knob and the calibration
+    # batch size).
+    damping: float = DEFAULT_DAMPING   # ridge, relative to mean(diag(X^T X)), >= 0
     target: str | None = None          # None: the mode's default target (MODES)
     batch_size: int = 8
     show_progress: bool = True
@@ -99,6 +99,9 @@ class ReconstructionConfig(Section):
         super().__post_init__()
 
     def check(self) -> None:
+        if not (isinstance(self.damping, (int, float)) and math.isfinite(self.damping) and self.damping >= 0):
+            raise UserError(f"damping must be a finite number >= 0, got {self.damping}",
+                            "pass e.g. --damping 0.05 (relative to the mean diagonal of X^T X)")
         if self.target not in TARGETS:
             raise UserError(f"unknown reconstruction target '{self.target}'", f"use one of {', '.join(TARGETS)}")
         if self.batch_size < 1:
