@@ -25,6 +25,7 @@ from pathlib import Path
 from tracking import UserError
 from tracking.cli import Parser, optional_str, raw_flags
 from tracking import runs, schema, store
+from tracking.redact import redact
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_MEM_MB = "model/param_mb"   # report key (not a metric): param_bytes / 2**20
@@ -102,7 +103,7 @@ def _get_run(run_id: str):
     try:
         return store.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - mlflow raises several types
-        raise UserError(f"run '{run_id}' not found in the tracking store ({runs.tracking_uri()})",
+        raise UserError(f"run '{run_id}' not found in the tracking store ({redact(runs.tracking_uri())})",
                         "pass a run id from this store (see `mlflow ui`) or set MLFLOW_TRACKING_URI") from exc
 
 
@@ -133,7 +134,7 @@ def collect(source: str, label: str | None, notes: list[str]) -> EvalSummary:
             return summary_of_run(run, label)
     found = _eval_runs_of(source)
     if not found:
-        raise UserError(f"'{source}' has no finished eval run in the store ({runs.tracking_uri()})", ON_DEMAND_HINT)
+        raise UserError(f"'{source}' has no finished eval run in the store ({redact(runs.tracking_uri())})", ON_DEMAND_HINT)
     if len(found) > 1:
         notes.append(f"{source[:40]}: {len(found)} eval runs, the latest ({found[0].info.run_id[:8]}) is used")
     return summary_of_run(found[0], label)

@@ -17,6 +17,7 @@ run in the ``gqaprune-analysis`` experiment.
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from statistics import mean, stdev
@@ -25,13 +26,14 @@ import pandas as pd
 
 from analysis import query, selection, study as study_mod, tables
 from analysis.selection import ACC
-from analysis.study import MODEL, PPL, PPL_METRIC, Study, pcol
+from analysis.study import KIND, MODEL, PPL, PPL_METRIC, Study, pcol
 from analysis.tables import Table, number
 from tracking import UserError
 from tracking.cli import Parser, boolean, optional_str, raw_flags
 from tracking import runs, schema
+from tracking.redact import redact
 
-RUN_NAME = "consolidate"
+RUN_NAME = schema.RUN_CONSOLIDATE
 
 
 def build_parser() -> Parser:
@@ -89,8 +91,8 @@ def ranked(study: Study, path: str) -> pd.DataFrame:
     """The model's candidates with ``rank`` (1 = the group's best, by the rule) per (ratio, stage)."""
     rows = study.rows[study.rows[query.PATH] == path]
     parts = []
-    for (ratio, stage), grp in rows.groupby([query.RATIO, "stage"], sort=True):
-        best = study.best_of(path, float(ratio), stage)
+    for (ratio, stage, kind), grp in rows.groupby([query.RATIO, "stage", KIND], sort=True):
+        best = study.best_of(path, float(ratio), stage, kind)
         keys = best.keys if best else study.rule.keys(None)
         have = grp[keys[0].metric].notna() if keys[0].metric in grp else pd.Series(False, index=grp.index)
         order = selection.rank(grp[have], keys, study_mod.ORDER)
@@ -103,10 +105,12 @@ def ranked(study: Study, path: str) -> pd.DataFrame:
 def model_results(study: Study, path: str) -> Table:
     rows = ranked(study, path)
     tasks = task_columns(rows)
-    frame = pd.DataFrame({"method": rows["method"], "ratio": rows[query.RATIO], "stage": rows["stage"],
+    kinds = {study_mod.KIND_COLUMN: rows[KIND]} if study.kind_cells(schema.RATIO_STRUCTURED) else {}
+    frame = pd.DataFrame({"method": rows["method"], "ratio": rows[query.RATIO], **kinds, "stage": rows["stage"],
                           "rank": rows["rank"],
+                          "ACC": rows[ACC] if ACC in rows else math.nan,
+                          "± ACC": [study_mod.acc_stderr(r) for _, r in rows.iterrows()], "PPL": rows[PPL],
                           **{p: rows[pcol(p)] for p in study.params},
-                          "ACC": rows[ACC] if ACC in rows else math.nan, "PPL": rows[PPL],
                           "PPL on": [schema.ppl_dataset(m) if m else None for m in rows[PPL_METRIC]],
                           **{t: rows[t] for t in tasks},
                           query.ACHIEVED: rows[query.ACHIEVED], query.PARAMS_AFTER: rows[query.PARAMS_AFTER],
@@ -116,12 +120,13 @@ def model_results(study: Study, path: str) -> Table:
     label = study.label(path)
     caption = (f"{label}: every configuration of every method. rank = its place in its (ratio, stage) group "
                f"under the selection rule ({study.rule.describe()}); – = excluded (no deciding metric). "
-               f"{study_mod.measured(rows)} Per-task columns: the measure of each task (task_measures). "
-               f"{query.ACHIEVED} = fraction of prunable (attention + MLP) parameters removed; "
+               f"{study_mod.measured(rows)} {study_mod.STDERR_TEXT} Per-task columns: the measure of each task "
+               f"(task_measures). {study_mod.ratio_caption(study)} {query.ACHIEVED} = the achieved value of the "
+               f"same kind; "
                f"{schema.M_GRAD_NORM_RATIO} / {schema.M_GRAD_MEAN_RATIO} = max/min per-layer gradient norm / mean "
                f"|gradient| (Taylor scores); {schema.M_NUM_EXTREME_LAYERS} = layers pruned beyond 90%.")
     fmt = {"ratio": lambda v: f"{v:.2f}", "rank": number, "prune run": lambda v: str(v)[:8],
-           "eval run": lambda v: str(v)[:8], query.ACHIEVED: lambda v: f"{v:.4f}"}
+           "eval run": lambda v: str(v)[:8], query.ACHIEVED: lambda v: f"{v:.4f}", "± ACC": lambda v: f"±{v:.4f}"}
     return Table(schema.A_MODEL_RESULTS, f"{label}: every method's results", caption, frame, fmt,
                  _notes(study, path), group_by="method")
 
@@ -140,15 +145,16 @@ def method_comparison(study: Study, path: str) -> tuple[Table, list[dict]]:
     per_method = study_mod.method_bests(study)
     rows, configs = [], []
     own = study.rows[study.rows[query.PATH] == path]
-    for (ratio, stage, method), grp in own.groupby([query.RATIO, "stage", "method"], sort=True):
-        b = per_method.of(**{query.PATH: path, "stage": stage, query.RATIO: float(ratio), "method": method})
+    for (ratio, stage, kind, method), grp in own.groupby([query.RATIO, "stage", KIND, "method"], sort=True):
+        b = per_method.of(**{query.PATH: path, "stage": stage, query.RATIO: float(ratio), KIND: kind,
+                             "method": method})
         accs = [float(v) for v in grp[ACC].dropna()] if ACC in grp else []
         ppl_name = b.row[PPL_METRIC] if b is not None else None
         ppls = [float(v) for m, v in zip(grp[PPL_METRIC], grp[PPL]) if m and m == ppl_name]
         acc_mean, acc_sd, acc_n = _stats(accs)
         ppl_mean, ppl_sd, ppl_n = _stats(ppls)
         setting = ", ".join(f"{p}={b.row[pcol(p)]}" for p in study.swept.get(method, [])) if b is not None else None
-        rows.append({"ratio": float(ratio), "stage": stage, "method": method, "n": len(grp),
+        rows.append({"ratio": float(ratio), **study.kind_cells(kind), "stage": stage, "method": method, "n": len(grp),
                      "best ACC": b.row.get(ACC, math.nan) if b is not None else math.nan,
                      "mean ACC": acc_mean, "sd ACC": acc_sd, "n ACC": acc_n,
                      "best PPL": b.row[PPL] if b is not None else math.nan, "mean PPL": ppl_mean, "sd PPL": ppl_sd,
@@ -161,7 +167,8 @@ def method_comparison(study: Study, path: str) -> tuple[Table, list[dict]]:
     label = study.label(path)
     caption = (f"{label}: method comparison per target ratio and stage. best = the method's best configuration "
                f"under the selection rule (its ACC and PPL); mean and sd (sample standard deviation) over the "
-               f"method's configurations that have the metric (n ACC / n PPL of n). {study_mod.measured(own)}")
+               f"method's configurations that have the metric (n ACC / n PPL of n). {study_mod.measured(own)} "
+               f"{study_mod.ratio_caption(study)}")
     fmt = {"ratio": lambda v: f"{v:.2f}", "n": number, "n ACC": number, "n PPL": number,
            "best run": lambda v: str(v)[:8]}
     return (Table(schema.A_METHOD_TABLE, f"{label}: method comparison", caption, frame, fmt, _notes(study, path),
@@ -181,13 +188,14 @@ def consolidate(study: Study, path: str, out: Path | None, prefix: str = "") -> 
     methods = {schema.P_SELECTION_RULE: study.rule.describe(), schema.P_SELECT_BY: study.rule.select_by,
                "model": study.label(path), "methods": study_mod.records(comparison.frame), "best": configs}
     for name, obj in ((schema.A_GLOBAL_BEST_CONFIG, doc), (schema.A_METHOD_COMPARISON, methods)):
+        obj = json.loads(redact(runs.dump_json(obj)))
         runs.log_json(obj, f"{prefix}{name}")
         if out is not None:
             (out / prefix).mkdir(parents=True, exist_ok=True)
             (out / f"{prefix}{name}").write_text(runs.dump_json(obj))
     for b in bests:
         won = ", ".join(f"{k}={v:.4g}" for k, v in b.metrics.items() if k in b.won_by)
-        print(f"global best of {b.model} at ratio {b.pruning_ratio:g} ({b.stage}): {b.method} "
+        print(f"global best of {b.model} at {study_mod.ratio_text(b.pruning_ratio, b.ratio_kind)} ({b.stage}): {b.method} "
               f"{', '.join(f'{k}={v}' for k, v in b.swept.items()) or '(nothing swept)'} — won by {won} "
               f"[prune run {b.prune_run_id}]")
     for g, why in missing:

@@ -37,6 +37,7 @@ from analysis.tables import latex_escape  # noqa: F401 - re-exported
 from tracking import UserError
 from tracking.cli import Parser, boolean, optional_str, raw_flags
 from tracking import runs, schema, store
+from tracking.redact import redact
 
 RATIO, ALIAS, PATH = query.RATIO, query.ALIAS, query.PATH
 INDEX = ["method", RATIO, "stage"]
@@ -55,6 +56,7 @@ class Pivot:
     models: pd.DataFrame          # label, model_alias, family, variant, model_path per column
     long: pd.DataFrame            # one row per cell (what the figures plot)
     notes: list[str] = field(default_factory=list)
+    stderr: pd.DataFrame | None = None   # standard error per cell where the store has one (same shape)
 
 
 def _labels(rows: pd.DataFrame) -> pd.DataFrame:
@@ -107,7 +109,8 @@ def pivot(table: pd.DataFrame, metric: str) -> Pivot:
     models = _labels(cells)
     label_of = dict(zip(models[PATH], models["label"]))
     dense = _dense_of(cells, metric)
-    cells = cells.assign(model=cells[PATH].map(label_of), value=cells[metric])
+    cells = cells.assign(model=cells[PATH].map(label_of), value=cells[metric],
+                         stderr=[stderr_of(metric, r) for _, r in cells.iterrows()])
     cells["dense_value"] = [dense.get((p, q)) for p, q in zip(cells[PATH], cells["protocol"])]
     cells["relative_pct"] = [100.0 * (v - d) / d if d not in (None, 0) and not pd.isna(d) else math.nan
                              for v, d in zip(cells["value"], cells["dense_value"])]
@@ -126,7 +129,17 @@ def pivot(table: pd.DataFrame, metric: str) -> Pivot:
         notes.append(f"no dense eval for {', '.join(missing)} under the protocol of some rows: "
                      "their relative change is left blank")
     return Pivot(metric, shape("value"), shape("relative_pct"), shape("eval_run_id"), protocols, models,
-                 cells.reset_index(drop=True), notes)
+                 cells.reset_index(drop=True), notes, shape("stderr") if cells["stderr"].notna().any() else None)
+
+
+def stderr_of(metric: str, row) -> float:
+    """The standard error of ``metric`` in a results row: lm-eval's ``<task>/<measure>_stderr`` for
+    a task score, the propagated one for the mean zero-shot score (analysis.study.acc_stderr);
+    NaN when the store has none (perplexity: one deterministic pass, no standard error)."""
+    if metric == schema.M_ZS_MEAN:
+        return study_mod.acc_stderr(row)
+    v = row.get(schema.stderr_metric(metric))
+    return float(v) if isinstance(v, (int, float)) and not pd.isna(v) else math.nan
 
 
 def _row_order(cells: pd.DataFrame, index: list[str]) -> pd.MultiIndex:
@@ -147,9 +160,9 @@ def _row_order(cells: pd.DataFrame, index: list[str]) -> pd.MultiIndex:
 def _fmt(metric: str, value) -> str:
     if value is None or pd.isna(value):
         return "–"
-    if metric.startswith(("ppl/", "nll/")):
+    if schema.in_group(metric, schema.G_PPL, schema.G_NLL):
         return f"{value:.2f}"
-    if abs(value) <= 1 and ("acc" in metric or metric.startswith("zeroshot/") or "ratio" in metric):
+    if abs(value) <= 1 and ("acc" in metric or schema.in_group(metric, schema.G_ZEROSHOT) or "ratio" in metric):
         return f"{value:.4f}"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
@@ -159,6 +172,9 @@ def _fmt(metric: str, value) -> str:
 def _cell_text(p: Pivot, row, col) -> str:
     value, rel = p.values.at[row, col], p.relative.at[row, col]
     text = _fmt(p.metric, value)
+    err = p.stderr.at[row, col] if p.stderr is not None else math.nan
+    if not pd.isna(value) and not pd.isna(err):
+        text += f" ±{_fmt(p.metric, err)}"
     stage = row[2]
     if not pd.isna(value) and not pd.isna(rel) and stage != schema.LABEL_DENSE:
         text += f" ({rel:+.1f}%)"
@@ -182,10 +198,15 @@ def grid(p: Pivot) -> tuple[list[str], list[list[str]]]:
 
 def caption(p: Pivot) -> str:
     """What the numbers are and how they were measured."""
-    parts = [f"{describe(p.metric)}. Rows: method × target pruning ratio (fraction of prunable "
-             "attention+MLP parameters) × stage (dense; pruned; pruned+LoRA = pruned then LoRA-finetuned); "
-             "columns: models. Cells: the latest eval of each configuration, in parentheses the change "
+    pruned = p.long[p.long["stage"] != schema.LABEL_DENSE]
+    kinds = [k for k in schema.RATIO_KINDS if k in set(pruned[query.RATIO_KIND])] or [schema.RATIO_STRUCTURED]
+    what = "; ".join(schema.RATIO_KINDS[k] for k in kinds)
+    parts = [f"{describe(p.metric)}. Rows: method × target ratio ({what}) × stage (dense; pruned; "
+             "pruned+LoRA = pruned then LoRA-finetuned); columns: models. Cells: the latest eval of each configuration, in parentheses the change "
              "relative to the column's dense model under the same protocol."]
+    if p.stderr is not None:
+        parts.append("± = standard error (lm-eval's per-task standard errors; for the mean score "
+                     "sqrt(Σ se²)/k over its k tasks).")
     if len(p.protocols) == 1:
         parts.append(f"Protocol: {next(iter(p.protocols.values()))}.")
     else:
@@ -368,7 +389,7 @@ def base_instruct_figure(p: Pivot, study):
 # ------------------------------------------------------------------------------ entry point
 
 def build_parser() -> Parser:
-    p = Parser(prog="cross_model", description=__doc__.splitlines()[0])
+    p = Parser(prog=schema.RUN_CROSS_MODEL, description=__doc__.splitlines()[0])
     p.add_argument("--experiments", type=optional_str, default=None,
                    help="comma-separated experiment names (default: every experiment in the store)")
     p.add_argument("--metric", default="auto",
@@ -397,7 +418,7 @@ def parse(argv: list[str] | None):
 def choose_metrics(table: pd.DataFrame, requested: str) -> list[str]:
     available = query.metric_names(table)
     if requested.strip().lower() == "auto":
-        chosen = [m for m in available if m.startswith("ppl/")] + [m for m in available if m == schema.M_ZS_MEAN]
+        chosen = [m for m in available if schema.is_ppl(m)] + [m for m in available if m == schema.M_ZS_MEAN]
         return chosen or [m for m in available if m not in query.PRUNE_METRICS][:1]
     chosen = [m.strip() for m in requested.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in available]
@@ -410,10 +431,13 @@ def choose_metrics(table: pd.DataFrame, requested: str) -> list[str]:
 def load_table(experiments, include_failed: bool, notes: list[str]) -> pd.DataFrame:
     table = query.results_table(experiments, include_failed, notes=notes, details=True)
     if table.empty:
-        where = f"experiment(s) {', '.join(experiments)}" if experiments else f"the store {runs.tracking_uri()}"
+        where = f"experiment(s) {', '.join(experiments)}" if experiments else f"the store {store_label()}"
         raise UserError(f"no finished eval runs in {where}",
                         "evaluate models first: python -m prune_entry.evaluate --model_uri <model or prune run id>")
     return table
+
+
+store_label = query.store_label
 
 
 def slug(metric: str) -> str:
@@ -423,11 +447,12 @@ def slug(metric: str) -> str:
 def write_outputs(p: Pivot, out: Path | None, study=None) -> dict[str, str]:
     """Write md / tex / csv / figures to ``out`` (if given) and log them to the active run."""
     base = schema.A_CROSS_MODEL.format(metric=slug(p.metric))
-    texts = {f"{base}.md": markdown(p), f"{base}.tex": latex(p)}
+    texts = {f"{base}.md": redact(markdown(p)), f"{base}.tex": redact(latex(p))}
     for name, text in texts.items():
         runs.log_text(text, name)
     runs.log_table(flat_csv(p.values), f"{base}.csv")
-    runs.log_table(flat_csv(p.relative), f"{base}_relative.csv")
+    relative = schema.A_CROSS_MODEL_RELATIVE.format(metric=slug(p.metric))
+    runs.log_table(flat_csv(p.relative), f"{relative}.csv")
     figs = {f"{base}.png": ratio_figure(p, study)}
     if families_with_both(p) and study is not None:
         figs[schema.A_BASE_INSTRUCT_FIG.format(metric=slug(p.metric))] = base_instruct_figure(p, study)
@@ -436,17 +461,18 @@ def write_outputs(p: Pivot, out: Path | None, study=None) -> dict[str, str]:
         for name, text in texts.items():
             (out / name).write_text(text)
         flat_csv(p.values).to_csv(out / f"{base}.csv", index=False)
-        flat_csv(p.relative).to_csv(out / f"{base}_relative.csv", index=False)
+        flat_csv(p.relative).to_csv(out / f"{relative}.csv", index=False)
     for name, fig in figs.items():
         figures.emit(fig, name.removesuffix(".png"), out, exts=("png",))
     return {**texts, **{n: "figure" for n in figs}}
 
 
 def csv_table(table: pd.DataFrame) -> pd.DataFrame:
-    """The joined table as written to results_table.csv (prune params as JSON text)."""
+    """The joined table as written to results_table.csv (prune params as JSON text, credentials
+    redacted)."""
     if query.PRUNE_PARAMS not in table:
-        return table
-    return table.assign(**{query.PRUNE_PARAMS: [json.dumps(d, sort_keys=True) if isinstance(d, dict) else None
+        return tables.clean(table)
+    return tables.clean(table).assign(**{query.PRUNE_PARAMS: [redact(json.dumps(d, sort_keys=True)) if isinstance(d, dict) else None
                                                  for d in table[query.PRUNE_PARAMS]]})
 
 
@@ -459,7 +485,7 @@ def write_study(study, out: Path | None) -> dict[str, tables.Table]:
         t.name = schema.A_STUDY.format(name=name)
         print(tables.terminal(t) + "\n")
         tables.write(t, out)
-    doc = study_mod.summary(study, results)
+    doc = json.loads(redact(runs.dump_json(study_mod.summary(study, results))))
     runs.log_json(doc, schema.A_ANALYSIS_SUMMARY)
     if out is not None:
         (out / schema.A_ANALYSIS_SUMMARY).write_text(runs.dump_json(doc))
@@ -508,7 +534,7 @@ def export_best(study, root: Path) -> list[str]:
                     store.download_artifact(rid, path, folder)
         cfg = study_mod.best_config(study, b)
         doc = selection.document(study.rule, [cfg], [], [])
-        (folder / schema.A_BEST_CONFIG).write_text(runs.dump_json(doc))
+        (folder / schema.A_BEST_CONFIG).write_text(redact(runs.dump_json(doc)))
         print(f"exported {cfg.model} ({cfg.method}, ratio {cfg.pruning_ratio:g}, {cfg.stage}) -> {folder}")
         done.append(str(folder))
     return done
@@ -558,7 +584,7 @@ def run(args) -> dict[str, Pivot]:
     for metric in metrics:
         p = pivot(table, metric)
         pivots[metric] = p
-        print(terminal(p) + "\n")
+        print(redact(terminal(p)) + "\n")
         write_outputs(p, out, study)
     write_study(study, out)
     for n in notes:
@@ -567,7 +593,7 @@ def run(args) -> dict[str, Pivot]:
     if out is not None:
         csv_table(table).to_csv(out / schema.A_RESULTS_TABLE, index=False)
         print(f"reports written to {out}")
-    runs.log_metrics({"n_results": len(table), "n_models": table[PATH].nunique(),
+    runs.log_metrics({schema.M_N_RESULTS: len(table), schema.M_N_MODELS: table[PATH].nunique(),
                       schema.M_STUDY_MODELS: len({b.row[PATH] for b in study.selection.best}),
                       schema.M_STUDY_CANDIDATES: study.selection.candidates,
                       schema.M_STUDY_EXCLUDED: study.selection.excluded})
@@ -587,7 +613,7 @@ def run(args) -> dict[str, Pivot]:
 
 def main(argv: list[str] | None = None) -> int:
     """An analysis run in the analysis experiment: bad input -> one line, exit 2, run FAILED."""
-    return runs.entry_point(schema.STAGE_ANALYSIS, lambda: parse(argv), run, run_name=lambda _: "cross_model",
+    return runs.entry_point(schema.STAGE_ANALYSIS, lambda: parse(argv), run, run_name=lambda _: schema.RUN_CROSS_MODEL,
                             raw_params=raw_flags(argv), experiment=schema.ANALYSIS_EXPERIMENT)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 
 from analysis import query
 from analysis.selection import ACC
-from analysis.study import MODEL, PPL, Study, kept_by_layer, method_bests, plan_of
+from analysis.study import KIND, MODEL, PPL, Study, kept_by_layer, method_bests, plan_of, ratio_text
 from tracking import runs, schema
 
 VARIANT_COLORS = {"Base": "C0", "Instruct": "C1"}
@@ -74,8 +74,8 @@ def ax_title(ax, text: str, fontsize: float = 8) -> None:
     ax.set_title("\n".join(textwrap.wrap(text, _chars(width, fontsize))), fontsize=fontsize)
 
 
-def group_text(ratio: float, stage: str) -> str:
-    return f"ratio {ratio:g} · {stage}"
+def group_text(ratio: float, stage: str, kind: str | None = None) -> str:
+    return f"{ratio_text(ratio, kind)} · {stage}"
 
 
 def empty(ax, text: str) -> None:
@@ -103,8 +103,8 @@ def base_instruct_bars(study: Study, table: pd.DataFrame):
     """Best ACC and best PPL of Base and Instruct per family (one row of panels per group)."""
     groups = study.groups()
     fig, axes = figure(len(groups), 2)
-    for r, (ratio, stage) in enumerate(groups):
-        part = table[(table["ratio"] == ratio) & (table["stage"] == stage)] if not table.empty else table
+    for r, (ratio, stage, kind) in enumerate(groups):
+        part = table[study.in_group(table, ratio, stage, kind)] if not table.empty else table
         for c, (what, better) in enumerate((("ACC", "higher is better"), ("PPL", "lower is better"))):
             ax = axes[r][c]
             if part.empty:
@@ -124,7 +124,7 @@ def base_instruct_bars(study: Study, table: pd.DataFrame):
             ax.set_xlim(-0.6, len(fams) - 0.4)
             metric = ACC if what == "ACC" else "PPL (first perplexity dataset)"
             ax.set_ylabel(metric, fontsize=8)
-            ax_title(ax, f"{what} of each variant's best · {group_text(ratio, stage)} ({better})")
+            ax_title(ax, f"{what} of each variant's best · {group_text(ratio, stage, kind)} ({better})")
     from matplotlib.patches import Patch
     legend(fig, [(Patch(color=c), v) for v, c in VARIANT_COLORS.items()])
     title(fig, "Base vs Instruct per family: the best configuration of each model (selection rule: "
@@ -136,10 +136,10 @@ def winning_params(study: Study, table: pd.DataFrame):
     """Per swept parameter: how many models' bests use each value."""
     groups, params = study.groups(), study.params or [None]
     fig, axes = figure(len(groups), len(params), width=3.6)
-    for r, (ratio, stage) in enumerate(groups):
+    for r, (ratio, stage, kind) in enumerate(groups):
         for c, p in enumerate(params):
             ax = axes[r][c]
-            part = table[(table["ratio"] == ratio) & (table["stage"] == stage) & (table["parameter"] == p)] \
+            part = table[study.in_group(table, ratio, stage, kind) & (table["parameter"] == p)] \
                 if not table.empty and p else pd.DataFrame()
             if part.empty:
                 empty(ax, "no swept parameter" if p is None else f"no best sweeps {p}")
@@ -151,7 +151,7 @@ def winning_params(study: Study, table: pd.DataFrame):
             ax.yaxis.get_major_locator().set_params(integer=True)
             ax.set_xlabel(p, fontsize=8)
             ax.set_ylabel("models", fontsize=8)
-            ax_title(ax, f"winning {p} · {group_text(ratio, stage)}")
+            ax_title(ax, f"winning {p} · {group_text(ratio, stage, kind)}")
     legend(fig, collect(axes))
     title(fig, "Distribution of the winning parameter values (count of models whose best configuration uses "
                "each value)")
@@ -165,8 +165,8 @@ def methods_by_model(study: Study):
     methods = sorted(colors)
     groups = study.groups()
     fig, axes = figure(len(groups), 2, width=max(4.2, 0.9 * len(study.models)))
-    for r, (ratio, stage) in enumerate(groups):
-        models = [b.row[query.PATH] for b in study.bests(ratio, stage)]
+    for r, (ratio, stage, kind) in enumerate(groups):
+        models = [b.row[query.PATH] for b in study.bests(ratio, stage, kind)]
         for c, (col, what) in enumerate(((ACC, "ACC"), (PPL, "PPL"))):
             ax = axes[r][c]
             if not models:
@@ -176,7 +176,8 @@ def methods_by_model(study: Study):
             for k, method in enumerate(methods):
                 xs, ys = [], []
                 for i, path in enumerate(models):
-                    b = per_method.of(**{query.PATH: path, "stage": stage, query.RATIO: ratio, "method": method})
+                    b = per_method.of(**{query.PATH: path, "stage": stage, query.RATIO: ratio, KIND: kind,
+                                         "method": method})
                     if b is not None and col in b.row and _finite(b.row[col]):
                         xs.append(i - 0.4 + width * (k + 0.5))
                         ys.append(float(b.row[col]))
@@ -184,7 +185,7 @@ def methods_by_model(study: Study):
                     ax.bar(xs, ys, width=width * 0.95, color=colors[method], label=method)
             ax.set_xticks(range(len(models)), [study.label(p) for p in models], fontsize=7, rotation=20, ha="right")
             ax.set_ylabel(ACC if what == "ACC" else "PPL (first perplexity dataset)", fontsize=8)
-            ax_title(ax, f"each method's best {what} per model · {group_text(ratio, stage)}")
+            ax_title(ax, f"each method's best {what} per model · {group_text(ratio, stage, kind)}")
     legend(fig, collect(axes))
     title(fig, "Method comparison grouped by model: the best configuration of each method (selection rule: "
                f"{study.rule.select_by})")
@@ -196,22 +197,22 @@ def acc_vs_ppl(study: Study):
     groups = study.groups()
     colors = model_colors(study)
     fig, axes = figure(1, len(groups), width=4.6, height=3.6)
-    for c, (ratio, stage) in enumerate(groups):
+    for c, (ratio, stage, kind) in enumerate(groups):
         ax = axes[0][c]
-        rows = study.rows[(study.rows[query.RATIO].sub(ratio).abs() < 1e-12) & (study.rows["stage"] == stage)]
+        rows = study.rows[study.in_group(study.rows, ratio, stage, kind)]
         rows = rows[rows[PPL].notna() & rows[ACC].notna()] if ACC in rows else rows.iloc[0:0]
         if rows.empty:
             empty(ax, "no configuration has both ACC and PPL")
             continue
         for label, part in rows.groupby(MODEL, sort=False):
             ax.scatter(part[PPL], part[ACC], s=14, color=colors[label], alpha=0.7, label=label)
-        for b in study.bests(ratio, stage):
+        for b in study.bests(ratio, stage, kind):
             if _finite(b.row.get(ACC)) and _finite(b.row[PPL]):
                 ax.scatter([b.row[PPL]], [b.row[ACC]], marker="*", s=150, color=colors[b.row[MODEL]],
                            edgecolors="black", linewidths=0.8, label="best of each model (★)", zorder=3)
         ax.set_xlabel("PPL (first perplexity dataset, lower is better)", fontsize=8)
         ax.set_ylabel(f"{ACC} (higher is better)", fontsize=8)
-        ax_title(ax, f"ACC vs PPL of every configuration · {group_text(ratio, stage)}")
+        ax_title(ax, f"ACC vs PPL of every configuration · {group_text(ratio, stage, kind)}")
     legend(fig, collect(axes))
     title(fig, "Accuracy vs perplexity: one point per evaluated configuration, colour = model; stars = each "
                "model's best")
@@ -225,10 +226,10 @@ def kept_layers(study: Study):
     colors = model_colors(study)
     fig, axes = figure(1, len(groups), width=4.6, height=3.4)
     missing = []
-    for c, (ratio, stage) in enumerate(groups):
+    for c, (ratio, stage, kind) in enumerate(groups):
         ax = axes[0][c]
         drawn = 0
-        for b in study.bests(ratio, stage):
+        for b in study.bests(ratio, stage, kind):
             plan = plan_of(b.row["prune_run_id"]) if isinstance(b.row["prune_run_id"], str) else None
             frame = kept_by_layer(plan) if plan else pd.DataFrame()
             label = b.row[MODEL]
@@ -247,7 +248,7 @@ def kept_layers(study: Study):
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("layer", fontsize=8)
         ax.set_ylabel("kept fraction", fontsize=8)
-        ax_title(ax, f"kept fraction per layer of each best · {group_text(ratio, stage)}")
+        ax_title(ax, f"kept fraction per layer of each best · {group_text(ratio, stage, kind)}")
     legend(fig, collect(axes))
     note = f"; no plan for {', '.join(sorted(set(missing)))}" if missing else ""
     title(fig, f"Per-layer kept fraction of each model's best run (from {schema.A_PLAN}){note}")

@@ -15,7 +15,16 @@ param, the eval protocol); values are compared after normalising their spelling 
 ``.20``, ``None`` = ``none``). When one configuration was evaluated several times, the latest eval
 (by start time) is kept and ``n_evals`` says how many there were.
 
-Reads the store only through :mod:`tracking.store` (no CSV, no mlflow import here).
+Runs of the claims registry (``tracking.claims``: stage ``claims``, tag ``claims_registry``) are
+bookkeeping of distributed sweeps, not results: :func:`runs_frame` leaves them out.
+
+Structured and sparsity runs are told apart by the prune run's ``ratio_kind`` tag: the
+``pruning_ratio`` column holds the target of that kind (structured: the ``pruning_ratio`` param,
+the fraction of prunable parameters removed; sparsity: the ``target_sparsity`` metric, the fraction
+of projection weights set to zero), ``achieved_ratio`` the achieved value of the same kind.
+
+Reads the store only through :mod:`tracking.store` (no CSV, no mlflow import here); every column,
+param and metric name comes from :mod:`tracking.schema`.
 """
 from __future__ import annotations
 
@@ -27,6 +36,9 @@ from pathlib import Path
 import pandas as pd
 
 from tracking import schema, store
+from tracking.claims import STAGE_CLAIMS, TAG_REGISTRY
+from tracking.connect import tracking_uri
+from tracking.redact import redact
 
 # Column names that are schema names (tags / params / metrics of the same meaning).
 ALIAS, PATH, SOURCE = schema.TAG_MODEL_ALIAS, schema.TAG_MODEL_PATH, schema.TAG_SOURCE_RUN
@@ -40,13 +52,15 @@ _TAG_COLUMNS = {"run_name": schema.TAG_RUN_NAME, "stage": schema.TAG_STAGE,
                 "variant": schema.TAG_MODEL_VARIANT, PATH: schema.TAG_MODEL_PATH,
                 "method": schema.TAG_METHOD, SOURCE: schema.TAG_SOURCE_RUN,
                 "parent_run_id": schema.TAG_PARENT_RUN, SEARCH: schema.TAG_SEARCH_RUN,
-                FAILURE: schema.TAG_FAILURE}
+                FAILURE: schema.TAG_FAILURE, schema.TAG_RATIO_KIND: schema.TAG_RATIO_KIND}
 RUN_COLUMNS = ["run_id", "stage", "status", "experiment", "start_time", "end_time", "run_name",
-               ALIAS, "family", "variant", PATH, "method", SOURCE, "parent_run_id", SEARCH, FAILURE]
+               ALIAS, "family", "variant", PATH, "method", SOURCE, "parent_run_id", SEARCH, FAILURE,
+               schema.TAG_RATIO_KIND]
+RATIO_KIND = schema.TAG_RATIO_KIND
 
 # results_table: identity, configuration, protocol and provenance columns (metrics come between)
-ID_COLUMNS = [ALIAS, "family", "variant", "method", RATIO, ACHIEVED, "reconstruct", "stage", "setting",
-              PARAMS_AFTER]
+ID_COLUMNS = [ALIAS, "family", "variant", "method", RATIO, RATIO_KIND, ACHIEVED, "reconstruct", "stage",
+              "setting", PARAMS_AFTER]
 PROTOCOL_COLUMNS = [PPL_SEQ_LEN, NUM_FEWSHOT, schema.P_ACC_CONVENTION, schema.P_TASK_MEASURES,
                     schema.P_TASKS_RUN, schema.P_LIMIT]
 RUN_ID_COLUMNS = ["prune_run_id", "finetune_run_id", "eval_run_id", "n_evals", "eval_start_time",
@@ -73,6 +87,11 @@ _EVAL_PROTOCOL = (schema.P_PPL_RUN, schema.P_TASKS_RUN, schema.P_TASK_MEASURES, 
 
 # ------------------------------------------------------------------------------ runs_frame
 
+def store_label() -> str:
+    """The tracking URI as analysis prints or writes it: credentials redacted (tracking.redact)."""
+    return redact(tracking_uri())
+
+
 def experiment_list(experiments) -> list[str] | None:
     """``"a,b"`` or ``["a", "b"]`` -> list; None / "" / "none" -> None (every experiment)."""
     if experiments is None:
@@ -82,25 +101,42 @@ def experiment_list(experiments) -> list[str] | None:
     return None if not items or items == ["none"] else items
 
 
+def _is_claims(raw: pd.DataFrame) -> pd.Series:
+    """Rows of claims-registry runs (tracking.claims): stage ``claims`` or tag ``claims_registry``."""
+    hit = pd.Series(False, index=raw.index)
+    for tag, value in ((schema.TAG_STAGE, STAGE_CLAIMS), (TAG_REGISTRY, "true")):
+        col = schema.tag_column(tag)
+        if col in raw:
+            hit |= raw[col].astype(str).str.lower() == value
+    return hit
+
+
 def _tidy(raw: pd.DataFrame) -> pd.DataFrame:
-    """MLflow's search frame -> RUN_COLUMNS + params.* + metrics.* (tags.* dropped)."""
+    """MLflow's search frame -> RUN_COLUMNS + params.* + metrics.* (tags.* dropped; claims-registry
+    runs dropped)."""
+    if not raw.empty:
+        raw = raw[~_is_claims(raw)]
     if raw.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
     out = pd.DataFrame({"run_id": raw["run_id"], "status": raw["status"], "experiment": raw["experiment"],
                         "start_time": raw["start_time"], "end_time": raw["end_time"]})
     for col, tag in _TAG_COLUMNS.items():
-        values = raw[f"tags.{tag}"] if f"tags.{tag}" in raw else None
+        name = schema.tag_column(tag)
+        values = raw[name] if name in raw else None
         out[col] = values.astype(object).where(values.notna(), None) if values is not None else None
-    extra = sorted(c for c in raw.columns if c.startswith(("params.", "metrics.")))
+    extra = sorted(c for c in raw.columns if schema.split_column(c)[0] in _KEPT_KINDS)
     out = pd.concat([out[RUN_COLUMNS], raw[extra]], axis=1)
     return out.sort_values(["start_time", "run_id"], ignore_index=True)
+
+
+_KEPT_KINDS = (schema.split_column(schema.param_column(""))[0], schema.split_column(schema.metric_column(""))[0])
+_PARAMS, _METRICS = _KEPT_KINDS
 
 
 def runs_frame(experiments=None, include_failed: bool = False) -> pd.DataFrame:
     """One row per run: run_id, stage, status, experiment, start/end time, the tags model_alias /
     family / variant / model_path / method / source_run_id / parent_run_id / search_run_id /
-    failure_reason, then
-    every param (``params.<name>``) and metric (``metrics.<name>``, the latest value).
+    failure_reason / ratio_kind, then every param (``params.<name>``) and metric (``metrics.<name>``, the latest value).
 
     ``experiments``: names (list or comma string); default every experiment. Unknown names are a
     UserError. ``include_failed``: also FAILED / KILLED / RUNNING runs.
@@ -131,14 +167,21 @@ canon = _canon   # public names: analysis.study compares and shows prune params 
 def _params(row: pd.Series | None) -> dict[str, str]:
     if row is None:
         return {}
-    return {k[7:]: v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
+    return {name: v for kind, name, v in _columns(row) if kind == _PARAMS and isinstance(v, str)}
 
 
 def _metrics(row: pd.Series | None) -> dict[str, float]:
     if row is None:
         return {}
-    return {k[8:]: float(v) for k, v in row.items()
-            if k.startswith("metrics.") and v is not None and not pd.isna(v)}
+    return {name: float(v) for kind, name, v in _columns(row)
+            if kind == _METRICS and v is not None and not pd.isna(v)}
+
+
+def _columns(row: pd.Series):
+    """(kind, name, value) of every ``params.*`` / ``metrics.*`` cell of a runs_frame row."""
+    for column, value in row.items():
+        kind, name = schema.split_column(column)
+        yield kind, name, value
 
 
 def _config(params: dict[str, str], ignored: set[str]) -> dict[str, str]:
@@ -206,11 +249,13 @@ def _joined_row(ev: pd.Series, stage: str, prune: pd.Series | None, ft: pd.Serie
     root = prune if prune is not None else (ft if ft is not None else ev)
     pp, pm, ep, em = _params(prune), _metrics(prune), _params(ev), _metrics(ev)
     pruned = prune is not None
+    kind = ratio_kind(prune)
+    target, achieved = _target(kind, pp, pm)
     row = {ALIAS: display_alias(root[ALIAS] or ev[ALIAS], root[PATH]),
            "family": root["family"] or ev["family"], "variant": root["variant"] or ev["variant"],
-           "method": (prune["method"] or pp.get("method", "?")) if pruned else schema.LABEL_DENSE,
-           RATIO: _num(pp.get(schema.P_PRUNING_RATIO)) if pruned else 0.0,
-           ACHIEVED: pm.get(schema.M_ACHIEVED_RATIO) if pruned else 0.0,
+           "method": (prune["method"] or pp.get(schema.P_METHOD, "?")) if pruned else schema.LABEL_DENSE,
+           RATIO: target if pruned else 0.0, RATIO_KIND: kind,
+           ACHIEVED: achieved if pruned else 0.0,
            # prune runs from before reconstruction existed did none
            "reconstruct": pp.get(schema.P_RECONSTRUCT, "none") if pruned else "-",
            "stage": stage,
@@ -234,6 +279,20 @@ def _joined_row(ev: pd.Series, stage: str, prune: pd.Series | None, ft: pd.Serie
     return row
 
 
+def ratio_kind(prune: pd.Series | None) -> str:
+    """What the target ratio of a prune run measures (schema.RATIO_*); prune runs from before the
+    tag existed were structured. Dense rows: structured (0 removed)."""
+    kind = prune[RATIO_KIND] if prune is not None and RATIO_KIND in prune else None
+    return kind if kind in schema.RATIO_KINDS else schema.RATIO_STRUCTURED
+
+
+def _target(kind: str, pp: dict, pm: dict) -> tuple[float | None, float | None]:
+    """(target, achieved) of the run's ratio kind."""
+    if kind == schema.RATIO_SPARSITY:
+        return pm.get(schema.M_TARGET_SPARSITY, _num(pp.get(schema.P_SPARSITY))), pm.get(schema.M_ACHIEVED_SPARSITY)
+    return _num(pp.get(schema.P_PRUNING_RATIO)), pm.get(schema.M_ACHIEVED_RATIO)
+
+
 def _cfg_key(row) -> str:
     return json.dumps([row["_prune_cfg"], row["_ft_cfg"]], sort_keys=True)
 
@@ -248,7 +307,7 @@ def _dedup(table: pd.DataFrame) -> pd.DataFrame:
     return table.drop_duplicates(key, keep="first", ignore_index=True)
 
 
-_CELL = [PATH, "stage", "method", RATIO, "reconstruct"]
+_CELL = [PATH, "stage", "method", RATIO, RATIO_KIND, "reconstruct"]
 
 
 def _settings(table: pd.DataFrame) -> pd.Series:
@@ -299,12 +358,15 @@ def metric_names(table: pd.DataFrame) -> list[str]:
     return sorted(set(names) | {m for m in PRUNE_METRICS if m in table and table[m].notna().any()})
 
 
+_SIDE_GROUPS = (schema.G_MODEL, schema.G_SPEED, schema.G_NLL, schema.G_PPL_TOKENS, schema.G_PPL_WINDOWS)
+
+
 def _order_columns(table: pd.DataFrame, details: bool = False) -> pd.DataFrame:
     fixed = set(ID_COLUMNS) | set(PROTOCOL_COLUMNS) | set(RUN_ID_COLUMNS) | {PRUNE_PARAMS}
     metrics = [c for c in table.columns if c not in fixed and not (schema.is_protocol_param(c) or c.startswith("_"))]
-    rank = lambda c: (0 if c.startswith("ppl/") else 2 if c.startswith("zeroshot/") else  # noqa: E731
-                      3 if c.startswith(("model/", "speed/", "nll/", "ppl_tokens/", "eval_time")) else 1, c)
-    protos = sorted(c for c in table.columns if c.startswith("ppl_protocol/"))
+    rank = lambda c: (0 if schema.is_ppl(c) else 2 if schema.in_group(c, schema.G_ZEROSHOT) else  # noqa: E731
+                      3 if schema.in_group(c, *_SIDE_GROUPS) or c == schema.M_EVAL_TIME else 1, c)
+    protos = sorted(c for c in table.columns if schema.is_protocol_param(c))
     ordered = table[[*ID_COLUMNS, *sorted(metrics, key=rank), *PROTOCOL_COLUMNS, *protos, *RUN_ID_COLUMNS]]
     if not details:
         return ordered
@@ -317,7 +379,7 @@ def _sort_rows(table: pd.DataFrame) -> pd.DataFrame:
     variant_rank = (table["variant"] != "Base").astype(int)
     dense_first = (table["method"] != schema.LABEL_DENSE).astype(int)
     keys = pd.DataFrame({"f": table["family"].fillna(""), "v": variant_rank, "a": table[ALIAS],
-                         "d": dense_first, "m": table["method"], "r": table[RATIO].fillna(-1),
+                         "d": dense_first, "k": table[RATIO_KIND], "m": table["method"], "r": table[RATIO].fillna(-1),
                          "s": stage_rank, "t": table["setting"]})
     return table.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
 
@@ -327,7 +389,7 @@ def results_table(experiments=None, include_failed: bool = False, *, notes: list
     """One row per evaluated model configuration (see the module docstring for the join).
 
     Columns: model_alias, family, variant, method (``dense`` for unpruned), pruning_ratio (the
-    prune param; 0 for dense), achieved_ratio, reconstruct, stage (dense / pruned / pruned+LoRA /
+    target of the run's ratio kind; 0 for dense), ratio_kind (schema.RATIO_*), achieved_ratio, reconstruct, stage (dense / pruned / pruned+LoRA /
     dense+LoRA), setting (params telling apart configurations that share all of those), params_after
     (the prune run's metric; dense: the eval's ``model/params``), every metric of the eval run under
     its own name (``ppl/<dataset>``, ``<task>/acc``, ``<task>/acc_norm``, ``zeroshot/mean_acc``,

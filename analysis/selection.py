@@ -4,8 +4,10 @@ Used by every tool that names a best (``search``'s ``best_config.json``, ``analy
 ``analysis.cross_model``), so the same store always gives the same answer:
 
 1. Configurations are compared only within a **group**: the same model, the same stage
-   (``pruned`` or ``pruned+LoRA``) and the same target pruning ratio (a study with several ratios
-   has a best per ratio), evaluated under the same protocol.
+   (``pruned`` or ``pruned+LoRA``), the same target ratio of the same kind (structured: fraction of
+   prunable parameters removed; sparsity: fraction of projection weights zeroed — never compared
+   with each other; a study with several ratios has a best per ratio), evaluated under the same
+   protocol.
 2. **Default** (``--select_by auto``): the highest ``zeroshot/mean_acc`` (mean zero-shot score
    under the logged acc convention) wins; ties are broken by the lowest perplexity on the first
    perplexity dataset of the eval runs (``ppl_datasets_run``). When no configuration of a group
@@ -77,8 +79,8 @@ class Rule:
 
     def describe(self) -> str:
         """The rule in words (logged as the ``selection_rule`` param)."""
-        scope = ("compared within the same model, stage (pruned / pruned+LoRA), target pruning ratio "
-                 "and eval protocol")
+        scope = ("compared within the same model, stage (pruned / pruned+LoRA), target ratio (of one kind: "
+                 "structured or sparsity) and eval protocol")
         ties = "remaining exact ties: the configuration evaluated first"
         if self.override is None:
             return (f"best = highest {ACC} (mean zero-shot score under the logged acc convention); ties and "
@@ -316,6 +318,7 @@ class BestConfig:
     eval_run_id: str | None
     finetune_run_id: str | None = None
     protocol: dict = field(default_factory=dict)   # metric -> how it was measured
+    ratio_kind: str = schema.RATIO_STRUCTURED      # what pruning_ratio measures (schema.RATIO_KINDS)
 
     def to_dict(self) -> dict:
         from dataclasses import asdict

@@ -34,7 +34,9 @@ from analysis.selection import ACC, Best, BestConfig, Rule, Selection
 from analysis.tables import Table, number, percent, signed
 from tracking import UserError, schema, store
 
-GROUP = [query.PATH, "stage", query.RATIO]          # a best per model, stage and target ratio
+KIND = query.RATIO_KIND
+GROUP = [query.PATH, "stage", query.RATIO, KIND]    # a best per model, stage, target ratio and ratio kind
+KIND_COLUMN = "ratio kind"                           # tables: shown when the study has sparsity runs
 ORDER = ["eval_start_time", "eval_run_id"]           # the final tie-break: evaluated first
 PPL_METRIC, PPL, MODEL = "_ppl_metric", "_ppl", "_model"  # helper columns of the candidate rows
 
@@ -57,19 +59,38 @@ class Study:
     models: pd.DataFrame              # label, model_path, family, variant (one row per model)
     notes: list[str] = field(default_factory=list)
 
-    def groups(self) -> list[tuple[float, str]]:
-        """The (ratio, stage) groups with at least one candidate, ratio ascending, pruned first."""
-        keys = self.rows[[query.RATIO, "stage"]].drop_duplicates()
+    def groups(self) -> list[tuple[float, str, str]]:
+        """The (ratio, stage, ratio kind) groups with at least one candidate: structured first, ratio
+        ascending, pruned before pruned+LoRA."""
+        keys = self.rows[[query.RATIO, "stage", KIND]].drop_duplicates()
         order = {s: i for i, s in enumerate(selection.STAGES)}
-        return sorted(((float(r), s) for r, s in keys.itertuples(index=False)), key=lambda k: (k[0], order[k[1]]))
+        kinds = list(schema.RATIO_KINDS)
+        return sorted(((float(r), s, k) for r, s, k in keys.itertuples(index=False)),
+                      key=lambda g: (kinds.index(g[2]), g[0], order[g[1]]))
 
-    def best_of(self, path: str, ratio: float, stage: str) -> Best | None:
-        return self.selection.of(**{query.PATH: path, "stage": stage, query.RATIO: ratio})
+    def best_of(self, path: str, ratio: float, stage: str, kind: str = schema.RATIO_STRUCTURED) -> Best | None:
+        return self.selection.of(**{query.PATH: path, "stage": stage, query.RATIO: ratio, KIND: kind})
 
-    def bests(self, ratio: float, stage: str) -> list[Best]:
+    def bests(self, ratio: float, stage: str, kind: str = schema.RATIO_STRUCTURED) -> list[Best]:
         """The bests of one group, in model order."""
-        out = [self.best_of(p, ratio, stage) for p in self.models[query.PATH]]
+        out = [self.best_of(p, ratio, stage, kind) for p in self.models[query.PATH]]
         return [b for b in out if b is not None]
+
+    @property
+    def kinds(self) -> list[str]:
+        """The ratio kinds of the candidates (schema.RATIO_*)."""
+        return [k for k in schema.RATIO_KINDS if k in set(self.rows[KIND])]
+
+    def kind_cells(self, kind: str) -> dict:
+        """``{"ratio kind": kind}`` for a table row when the study has sparsity runs, else ``{}``."""
+        return {KIND_COLUMN: kind} if self.kinds not in ([], [schema.RATIO_STRUCTURED]) else {}
+
+    def in_group(self, frame: pd.DataFrame, ratio: float, stage: str, kind: str) -> pd.Series:
+        """Rows of ``frame`` (candidates: column pruning_ratio; tables: ratio) in one group."""
+        col = query.RATIO if query.RATIO in frame else "ratio"
+        hit = (frame[col].sub(ratio).abs() < 1e-12) & (frame["stage"] == stage)
+        kcol = KIND if KIND in frame else KIND_COLUMN
+        return hit & (frame[kcol] == kind) if kcol in frame else hit
 
     def label(self, path: str) -> str:
         return self.models.set_index(query.PATH).at[path, "label"]
@@ -83,7 +104,7 @@ def load(experiments=None, include_failed: bool = False, rule: Rule | None = Non
     notes = [] if notes is None else notes
     table = query.results_table(experiments, include_failed, notes=notes, details=True)
     if table.empty:
-        where = f"experiment(s) {', '.join(experiments)}" if experiments else "the store"
+        where = f"experiment(s) {', '.join(experiments)}" if experiments else f"the store {query.store_label()}"
         raise UserError(f"no finished eval runs in {where}",
                         "evaluate models first: python -m prune_entry.evaluate --model_uri <model or prune run id>")
     return build(table, rule or Rule(), notes)
@@ -142,7 +163,7 @@ def build(table: pd.DataFrame, rule: Rule, notes: list[str] | None = None) -> St
     names = dict(zip(models[query.PATH], models["label"]))
 
     def label(g: dict) -> str:
-        return f"{names.get(g[query.PATH], g[query.PATH])} · ratio {g[query.RATIO]:g} · {g['stage']}"
+        return f"{names.get(g[query.PATH], g[query.PATH])} · {ratio_text(g[query.RATIO], g[KIND])} · {g['stage']}"
     sel = selection.select(rows, rule, GROUP, order=ORDER, protocol=protocol_of, label=label)
     if rows.empty:
         notes.append("no pruned or pruned+LoRA eval in the selection: there is no configuration to choose from")
@@ -150,6 +171,17 @@ def build(table: pd.DataFrame, rule: Rule, notes: list[str] | None = None) -> St
     if no_runs and not rows.empty:
         notes.append(f"no pruned eval for {', '.join(no_runs)} (only dense evals): no best configuration")
     return Study(table, rows, rule, sel, swept, params, models, notes + sel.notes)
+
+
+def ratio_text(ratio: float, kind: str) -> str:
+    """``ratio 0.2`` (structured) or ``sparsity 0.5`` (sparsity)."""
+    return f"{'sparsity' if kind == schema.RATIO_SPARSITY else 'ratio'} {ratio:g}"
+
+
+def ratio_caption(study: "Study") -> str:
+    """What the ratio column measures, for every ratio kind of the study."""
+    kinds = study.kinds or [schema.RATIO_STRUCTURED]
+    return "Ratio = target " + "; ".join(f"{schema.RATIO_KINDS[k]}" for k in kinds) + "."
 
 
 def display(value) -> str | None:
@@ -186,13 +218,13 @@ def best_config(study: Study, best: Best) -> BestConfig:
              if k not in swept and k not in _AXES}
     won = best.metrics()
     metrics = {**won, **{k: v for k, v in metrics_of(row).items() if k not in won}}
-    protocol = {m: protocol_of(m, row) for m in [k.metric for k in best.keys] if m in row}
+    protocol = {m: protocol_of(m, row, counts=True) for m in [k.metric for k in best.keys] if m in row}
     return BestConfig(model=row[MODEL], model_path=row[query.PATH], family=row["family"], variant=row["variant"],
                       method=row["method"], pruning_ratio=float(row[query.RATIO]), stage=row["stage"], swept=swept,
                       fixed=fixed, metrics=metrics, won_by=best.won_by, candidates=best.candidates,
                       excluded=best.excluded, tied=best.tied, prune_run_id=row["prune_run_id"],
                       eval_run_id=row["eval_run_id"], finetune_run_id=row["finetune_run_id"] or None,
-                      protocol=protocol)
+                      protocol=protocol, ratio_kind=row[KIND])
 
 
 def measured(rows: pd.DataFrame) -> str:
@@ -213,19 +245,34 @@ def _value(best: Best | None, what: str):
     return best.row[ACC] if what == "acc" and ACC in best.row else best.row[PPL] if what == "ppl" else math.nan
 
 
+STDERR_TEXT = ("± ACC = standard error of the mean score, sqrt(Σ se_t²)/k over its k tasks from lm-eval's "
+               "per-task standard errors (tasks taken as independent); – where the store has no standard error.")
+
+
+def acc_stderr(row) -> float:
+    """Standard error of ``zeroshot/mean_acc`` from the tasks' logged ``<task>/<measure>_stderr``:
+    sqrt(sum se_t^2) / k (the mean of k independent estimates); NaN unless every task has one."""
+    tasks = list(schema.zeroshot_task_metrics(row.get(schema.P_TASK_MEASURES)).values())
+    errs = [row.get(schema.stderr_metric(t)) for t in tasks]
+    if not tasks or any(_nan(e) or not isinstance(e, (int, float)) for e in errs):
+        return math.nan
+    return math.sqrt(sum(float(e) ** 2 for e in errs)) / len(errs)
+
+
 # ------------------------------------------------------------------------------ 1. best configurations
 
 def best_configs(study: Study) -> Table:
     rows = []
     override = study.rule.override.metric if study.rule.override else None
-    for ratio, stage in study.groups():
+    for ratio, stage, kind in study.groups():
         for _, m in study.models.iterrows():
-            b = study.best_of(m[query.PATH], ratio, stage)
+            b = study.best_of(m[query.PATH], ratio, stage, kind)
             if b is None:
                 continue
             r = b.row
             row = {"model": m["label"], "family": m["family"], "variant": m["variant"], "ratio": ratio,
-                   "stage": stage, "method": r["method"], "ACC": r.get(ACC, math.nan), "PPL": r[PPL],
+                   **study.kind_cells(kind), "stage": stage, "method": r["method"],
+                   "ACC": r.get(ACC, math.nan), "± ACC": acc_stderr(r), "PPL": r[PPL],
                    "PPL on": (schema.ppl_dataset(r[PPL_METRIC]) if r[PPL_METRIC] else None)}
             if override and override not in (ACC, r[PPL_METRIC]):
                 row[override] = r.get(override, math.nan)
@@ -235,10 +282,12 @@ def best_configs(study: Study) -> Table:
             rows.append(row)
     frame = pd.DataFrame(rows)
     caption = (f"Best configuration of every model at each target pruning ratio and stage. "
-               f"Selection: {study.rule.describe()}. {measured(study.rows)} "
+               f"Selection: {study.rule.describe()}. {measured(study.rows)} {ratio_caption(study)} "
+               f"{STDERR_TEXT} "
                f"Swept parameters: {', '.join(study.params) or 'none'} (– = not swept for that method); "
                f"n = configurations compared; won by = the metrics that separated it from the runner-up.")
-    fmt = {"ratio": lambda v: f"{v:.2f}", "prune run": _short, "eval run": _short, "n": number}
+    fmt = {"ratio": lambda v: f"{v:.2f}", "prune run": _short, "eval run": _short, "n": number,
+           "± ACC": lambda v: f"±{v:.4f}"}
     return Table(schema.STUDY_BEST, "Best configuration per model", caption, frame, fmt, _notes(study),
                  group_by="ratio")
 
@@ -258,14 +307,16 @@ def _members(study: Study, family: str, variant: str) -> list[str]:
     return list(m.loc[(m["family"] == family) & (m["variant"] == variant), query.PATH])
 
 
-def _why_no_best(study: Study, path: str | None, variant: str, family: str, ratio: float, stage: str) -> str:
+def _why_no_best(study: Study, path: str | None, variant: str, family: str, ratio: float, stage: str,
+                 kind: str = schema.RATIO_STRUCTURED) -> str:
     if path is None:
         return f"no {variant} model of family {family} in the store"
     label = study.label(path)
     for g, why in study.selection.missing:
-        if g.get(query.PATH) == path and g.get("stage") == stage and selection._same(g.get(query.RATIO), ratio):
+        if (g.get(query.PATH) == path and g.get("stage") == stage and g.get(KIND) == kind
+                and selection._same(g.get(query.RATIO), ratio)):
             return f"{label}: {why}"
-    return f"{label} has no finished {stage} eval at ratio {ratio:g}"
+    return f"{label} has no finished {stage} eval at {ratio_text(ratio, kind)}"
 
 
 def _config_key(row: pd.Series) -> str:
@@ -274,10 +325,11 @@ def _config_key(row: pd.Series) -> str:
     return repr(sorted({**canon, "_stage": row["stage"]}.items()))
 
 
-def matched_deltas(study: Study, base: str, instruct: str, ratio: float, stage: str) -> dict:
+def matched_deltas(study: Study, base: str, instruct: str, ratio: float, stage: str,
+                   kind: str = schema.RATIO_STRUCTURED) -> dict:
     """Instruct − Base over configurations run on both (same method, ratio, stage and prune
     settings; PPL only where both use the same first perplexity dataset)."""
-    rows = study.rows[(study.rows["stage"] == stage) & (study.rows[query.RATIO].sub(ratio).abs() < 1e-12)]
+    rows = study.rows[study.in_group(study.rows, ratio, stage, kind)]
     b = {(_config_key(r)): r for _, r in rows[rows[query.PATH] == base].iterrows()}
     i = {(_config_key(r)): r for _, r in rows[rows[query.PATH] == instruct].iterrows()}
     acc, ppl = [], []
@@ -295,7 +347,7 @@ def matched_deltas(study: Study, base: str, instruct: str, ratio: float, stage: 
 def base_vs_instruct(study: Study) -> Table:
     rows, notes = [], []
     families = [f for f in dict.fromkeys(study.models["family"]) if f]
-    for ratio, stage in study.groups():
+    for ratio, stage, kind in study.groups():
         for fam in families:
             bases, instrs = _members(study, fam, BASE), _members(study, fam, INSTRUCT)
             for variant, members in ((BASE, bases), (INSTRUCT, instrs)):
@@ -305,11 +357,11 @@ def base_vs_instruct(study: Study) -> Table:
             base, instr = (bases[0] if bases else None), (instrs[0] if instrs else None)
             if base is None and instr is None:
                 continue
-            bb = study.best_of(base, ratio, stage) if base else None
-            bi = study.best_of(instr, ratio, stage) if instr else None
+            bb = study.best_of(base, ratio, stage, kind) if base else None
+            bi = study.best_of(instr, ratio, stage, kind) if instr else None
             if bb is None and bi is None:
                 continue
-            row = {"family": fam, "ratio": ratio, "stage": stage,
+            row = {"family": fam, "ratio": ratio, **study.kind_cells(kind), "stage": stage,
                    "Base": study.label(base) if base else None, "Instruct": study.label(instr) if instr else None,
                    "ACC Base": _value(bb, "acc"), "ACC Instruct": _value(bi, "acc")}
             row["ΔACC"] = row["ACC Instruct"] - row["ACC Base"]
@@ -318,22 +370,22 @@ def base_vs_instruct(study: Study) -> Table:
             row.update({"PPL Base": _value(bb, "ppl"), "PPL Instruct": _value(bi, "ppl")})
             row["ΔPPL"] = row["PPL Instruct"] - row["PPL Base"] if same_ppl else math.nan
             row["ΔPPL %"] = 100 * row["ΔPPL"] / row["PPL Base"] if same_ppl and row["PPL Base"] else math.nan
-            row.update(matched_deltas(study, base, instr, ratio, stage) if bb is not None and bi is not None
+            row.update(matched_deltas(study, base, instr, ratio, stage, kind) if bb is not None and bi is not None
                        else {"matched": 0, "mean ΔACC": math.nan, "sd ΔACC": math.nan, "mean ΔPPL": math.nan,
                              "sd ΔPPL": math.nan})
-            missing = [_why_no_best(study, p, v, fam, ratio, stage) for p, v, b in
+            missing = [_why_no_best(study, p, v, fam, ratio, stage, kind) for p, v, b in
                        ((base, BASE, bb), (instr, INSTRUCT, bi)) if b is None]
             if bb is not None and bi is not None and not same_ppl:
                 missing.append("Base and Instruct were evaluated on different first perplexity datasets")
             row["missing"] = "; ".join(missing) or None
             rows.append(row)
             if missing:
-                notes.append(f"{fam} ratio {ratio:g} {stage}: delta missing: {'; '.join(missing)}")
+                notes.append(f"{fam} {ratio_text(ratio, kind)} {stage}: delta missing: {'; '.join(missing)}")
     frame = pd.DataFrame(rows)
     caption = ("Base vs Instruct per family: Δ = best Instruct − best Base (each chosen by the selection rule); "
                "Δ% = 100·Δ/Base. Matched: configurations run on both variants (same method, ratio, stage and "
                "prune settings); mean and sample standard deviation (sd) of their per-pair deltas. "
-               f"{measured(study.rows)}")
+               f"{measured(study.rows)} {ratio_caption(study)}")
     fmt = {"ratio": lambda v: f"{v:.2f}", "ΔACC": signed, "ΔACC %": percent, "ΔPPL": lambda v: signed(v, 2),
            "ΔPPL %": percent, "mean ΔACC": signed, "mean ΔPPL": lambda v: signed(v, 2), "matched": number}
     return Table(schema.STUDY_BASE_INSTRUCT, "Base vs Instruct", caption, frame, fmt,
@@ -347,13 +399,14 @@ def method_bests(study: Study) -> Selection:
     return selection.select(study.rows, study.rule, [*GROUP, "method"], order=ORDER, protocol=protocol_of)
 
 
-def method_ranks(study: Study, per_method: Selection, ratio: float, stage: str) -> dict[str, list[int]]:
+def method_ranks(study: Study, per_method: Selection, ratio: float, stage: str,
+                 kind: str = schema.RATIO_STRUCTURED) -> dict[str, list[int]]:
     """method -> its rank (1 = best) for each model of the group that has results of it."""
     ranks: dict[str, list[int]] = {}
-    for b in study.bests(ratio, stage):
+    for b in study.bests(ratio, stage, kind):
         path = b.row[query.PATH]
         own = [m for m in per_method.best if m.group[query.PATH] == path and m.group["stage"] == stage
-               and selection._same(m.group[query.RATIO], ratio)]
+               and m.group[KIND] == kind and selection._same(m.group[query.RATIO], ratio)]
         if not own:
             continue
         ranked = selection.rank(pd.DataFrame([m.row for m in own]), b.keys, ORDER)
@@ -365,13 +418,14 @@ def method_ranks(study: Study, per_method: Selection, ratio: float, stage: str) 
 def method_preference(study: Study) -> Table:
     per_method = method_bests(study)
     rows = []
-    for ratio, stage in study.groups():
-        bests = study.bests(ratio, stage)
-        ranks = method_ranks(study, per_method, ratio, stage)
-        for method in sorted(set(study.rows["method"])):
+    for ratio, stage, kind in study.groups():
+        bests = study.bests(ratio, stage, kind)
+        ranks = method_ranks(study, per_method, ratio, stage, kind)
+        for method in sorted(set(study.rows.loc[study.in_group(study.rows, ratio, stage, kind), "method"])):
             winners = [study.label(b.row[query.PATH]) for b in bests if b.row["method"] == method]
             r = ranks.get(method, [])
-            rows.append({"ratio": ratio, "stage": stage, "method": method, "wins": len(winners),
+            rows.append({"ratio": ratio, **study.kind_cells(kind), "stage": stage, "method": method,
+                         "wins": len(winners),
                          "models": len(r), "mean rank": mean(r) if r else math.nan,
                          "best for": ", ".join(winners) or None})
     frame = pd.DataFrame(rows)
@@ -381,7 +435,7 @@ def method_preference(study: Study) -> Table:
     caption = ("Method preference: wins = models for which the method holds the best configuration; models = "
                "models with results of the method; mean rank = the method's best configuration ranked against "
                f"the other methods' bests of the same model by the selection rule (1 = best), averaged over "
-               f"those models. Selection: {study.rule.describe()}.")
+               f"those models. Selection: {study.rule.describe()}. {ratio_caption(study)}")
     fmt = {"ratio": lambda v: f"{v:.2f}", "mean rank": lambda v: f"{v:.2f}", "wins": number, "models": number}
     return Table(schema.STUDY_METHODS, "Method preference", caption, frame.reset_index(drop=True), fmt,
                  _notes(study), group_by="ratio")
@@ -391,9 +445,9 @@ def method_preference(study: Study) -> Table:
 
 def winning_params(study: Study) -> Table:
     rows = []
-    for ratio, stage in study.groups():
-        bests = study.bests(ratio, stage)
-        rows_ = study.rows[(study.rows[query.RATIO].sub(ratio).abs() < 1e-12) & (study.rows["stage"] == stage)]
+    for ratio, stage, kind in study.groups():
+        bests = study.bests(ratio, stage, kind)
+        rows_ = study.rows[study.in_group(study.rows, ratio, stage, kind)]
         for p in study.params:
             counts: dict[str, list[str]] = {v: [] for v in rows_[pcol(p)].dropna().unique()}  # every swept value
             for b in bests:
@@ -401,13 +455,14 @@ def winning_params(study: Study) -> Table:
                 if value is not None:
                     counts.setdefault(value, []).append(study.label(b.row[query.PATH]))
             for value in sorted(counts, key=_sort_key):
-                rows.append({"ratio": ratio, "stage": stage, "parameter": p, "value": value,
+                rows.append({"ratio": ratio, **study.kind_cells(kind), "stage": stage, "parameter": p, "value": value,
                              "count": len(counts[value]), "of": sum(p in study.swept.get(b.row["method"], [])
                                                                     for b in bests),
                              "models": ", ".join(counts[value]) or None})
     frame = pd.DataFrame(rows)
     caption = ("Distribution of the winning parameter values: for each swept prune parameter and each value it "
-               "took, how many models' best configurations use it (of = bests whose method sweeps the parameter).")
+               "took, how many models' best configurations use it (of = bests whose method sweeps the parameter). "
+               f"{ratio_caption(study)}")
     fmt = {"ratio": lambda v: f"{v:.2f}", "count": number, "of": number}
     return Table(schema.STUDY_PARAMS, "Winning parameter values", caption, frame, fmt, _notes(study),
                  group_by="parameter")
@@ -424,28 +479,29 @@ def _sort_key(value: str):
 
 def family_comparison(study: Study) -> Table:
     rows, notes = [], []
-    for ratio, stage in study.groups():
+    for ratio, stage, kind in study.groups():
         for fam in [f for f in dict.fromkeys(study.models["family"]) if f]:
             paths = list(study.models.loc[study.models["family"] == fam, query.PATH])
-            bests = [b for b in (study.best_of(p, ratio, stage) for p in paths) if b is not None]
+            bests = [b for b in (study.best_of(p, ratio, stage, kind) for p in paths) if b is not None]
             if not bests:
                 continue
             accs = [float(b.row[ACC]) for b in bests if ACC in b.row and not _nan(b.row[ACC])]
             ppl_names = {b.row[PPL_METRIC] for b in bests if b.row[PPL_METRIC]}
             ppls = [float(b.row[PPL]) for b in bests if b.row[PPL_METRIC]] if len(ppl_names) == 1 else []
             variants = sorted({b.row["variant"] for b in bests})
-            rows.append({"family": fam, "ratio": ratio, "stage": stage, "models": len(bests),
+            rows.append({"family": fam, "ratio": ratio, **study.kind_cells(kind), "stage": stage, "models": len(bests),
                          "variants": "+".join(variants), "mean best ACC": mean(accs) if accs else math.nan,
                          "mean best PPL": mean(ppls) if ppls else math.nan,
                          "PPL on": schema.ppl_dataset(next(iter(ppl_names))) if len(ppl_names) == 1 else None})
             if len(ppl_names) > 1:
-                notes.append(f"{fam} ratio {ratio:g} {stage}: its models' first perplexity datasets differ "
+                notes.append(f"{fam} {ratio_text(ratio, kind)} {stage}: its models' first perplexity datasets differ "
                              f"({', '.join(sorted(ppl_names))}): no mean PPL")
             if len(bests) < len(paths) or set(variants) != {BASE, INSTRUCT}:
-                notes.append(f"{fam} ratio {ratio:g} {stage}: mean over {'+'.join(variants)} only")
+                notes.append(f"{fam} {ratio_text(ratio, kind)} {stage}: mean over {'+'.join(variants)} only")
     frame = pd.DataFrame(rows)
     caption = ("Family comparison: per family, the mean over its Base and Instruct models of the best "
-               f"configuration's ACC and PPL (models = how many had a best). {measured(study.rows)}")
+               f"configuration's ACC and PPL (models = how many had a best). {measured(study.rows)} "
+               f"{ratio_caption(study)}")
     fmt = {"ratio": lambda v: f"{v:.2f}", "models": number}
     return Table(schema.STUDY_FAMILIES, "Family comparison", caption, frame, fmt, list(dict.fromkeys(notes)),
                  group_by="ratio")

@@ -2,7 +2,9 @@
 
 A :class:`Table` holds the raw values (``frame``, written as CSV as they are) and how to show them
 (per-column formats); every rendering carries the caption that says how the numbers were measured
-and the notes (what is missing and why).
+and the notes (what is missing and why). Every rendering and CSV goes through
+``tracking.redact.redact``: a tracking URI, ray address or path with credentials never reaches a
+report.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable
 import pandas as pd
 
 from tracking import runs
+from tracking.redact import redact
 
 LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -84,7 +87,18 @@ def wrap(text: str, width: int = 110) -> str:
     return "\n".join(textwrap.wrap(text, width))
 
 
+def clean(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with every text cell redacted (credentials removed)."""
+    text = [c for c in frame.columns if frame[c].dtype == object]
+    return frame.assign(**{c: [redact(v) if isinstance(v, str) else v for v in frame[c]] for c in text}) \
+        if text else frame
+
+
 def terminal(t: Table) -> str:
+    return redact(_terminal(t))
+
+
+def _terminal(t: Table) -> str:
     header, body = t.grid()
     if not body:
         return "\n".join([f"== {t.title} ==", wrap(t.caption), "(no rows)", *[f"note: {n}" for n in t.notes]])
@@ -134,7 +148,7 @@ def latex(t: Table) -> str:
 
 def write(t: Table, out: Path | None, prefix: str = "") -> list[str]:
     """``<prefix><name>.md / .tex / .csv`` logged to the active run and written to ``out``."""
-    names = {f"{prefix}{t.name}.md": markdown(t), f"{prefix}{t.name}.tex": latex(t)}
+    names = {f"{prefix}{t.name}.md": redact(markdown(t)), f"{prefix}{t.name}.tex": redact(latex(t))}
     for name, text in names.items():
         runs.log_text(text, name)
     log_csv(t.frame, f"{prefix}{t.name}.csv")
@@ -142,7 +156,7 @@ def write(t: Table, out: Path | None, prefix: str = "") -> list[str]:
         for name, text in names.items():
             (out / name).parent.mkdir(parents=True, exist_ok=True)
             (out / name).write_text(text)
-        t.frame.to_csv(out / f"{prefix}{t.name}.csv", index=False)
+        clean(t.frame).to_csv(out / f"{prefix}{t.name}.csv", index=False)
     return [*names, f"{prefix}{t.name}.csv"]
 
 
@@ -152,5 +166,5 @@ def log_csv(frame: pd.DataFrame, name: str) -> None:
     parent = str(Path(name).parent)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(name).name
-        frame.to_csv(path, index=False)
+        clean(frame).to_csv(path, index=False)
         runs.log_file(path, None if parent == "." else parent)

@@ -111,6 +111,8 @@ def log_perplexity(ppl: dict) -> None:
         metrics[schema.ppl_metric(key)] = r["ppl"]
         metrics[schema.metric_name(schema.M_NLL.format(dataset=key))] = r["nll"]
         metrics[schema.metric_name(schema.M_PPL_TOKENS.format(dataset=key))] = r["tokens"]
+        if r.get("windows") is not None:      # PplResult.to_dict() has it; older result files may not
+            metrics[schema.dataset_metric(schema.M_PPL_WINDOWS, key)] = r["windows"]
         params[schema.P_PPL_PROTOCOL.format(dataset=key)] = r["protocol_text"]
     runs.log_metrics(metrics)
     runs.log_params(params)

@@ -693,7 +693,7 @@ def _fmt(column: str, value) -> str:
         return str(value)[:8]
     if column == schema.M_PARAMS_AFTER:
         return f"{int(value):,}"
-    if column.startswith("ppl/"):
+    if schema.is_ppl(column):
         return f"{value:.2f}"
     if column in (schema.M_ACHIEVED_RATIO, schema.M_ZS_MEAN) or schema.parse(column).group:
         return f"{value:.4f}"
@@ -741,7 +741,7 @@ def ppl_figure(frame: pd.DataFrame):
     """Perplexity vs achieved ratio: one panel per (ppl dataset, model), one line per method (and
     grid setting), the dense model as the ratio-0 point with a dotted reference line. None when no
     point has a perplexity."""
-    ppl_cols = [c for c in frame.columns if c.startswith("ppl/") and frame[c].notna().any()]
+    ppl_cols = [c for c in frame.columns if schema.is_ppl(c) and frame[c].notna().any()]
     if not ppl_cols:
         return None
     from matplotlib.ticker import PercentFormatter
@@ -784,6 +784,11 @@ def ppl_figure(frame: pd.DataFrame):
 # ------------------------------------------------------------------------------ the best point
 
 START = "_eval_start"   # selection tie-break column: the eval run's start time
+KIND = schema.TAG_RATIO_KIND   # selection group column: structured and sparsity ratios never compete
+
+
+def ratio_kind(method: str) -> str:
+    return schema.RATIO_STRUCTURED if method_kind(method) == STRUCTURED else schema.RATIO_SPARSITY
 
 
 def candidates(frame: pd.DataFrame, outcomes: list[Outcome]) -> pd.DataFrame:
@@ -792,6 +797,7 @@ def candidates(frame: pd.DataFrame, outcomes: list[Outcome]) -> pd.DataFrame:
     rows = frame.iloc[keep].copy()
     rows[START] = [store.get_run(outcomes[i].eval_run_id).info.start_time for i in keep]
     rows["_outcome"] = keep
+    rows[KIND] = [ratio_kind(outcomes[i].point.method) for i in keep]
     return rows
 
 
@@ -815,7 +821,8 @@ def best_config(best: selection.Best, outcome: Outcome, sweep: Sweep) -> selecti
                                 method=p.method, pruning_ratio=p.ratio, stage=schema.LABEL_PRUNED, swept=swept,
                                 fixed=fixed, metrics=metrics, won_by=best.won_by, candidates=best.candidates,
                                 excluded=best.excluded, tied=best.tied, prune_run_id=outcome.prune_run_id,
-                                eval_run_id=outcome.eval_run_id, protocol=protocol)
+                                eval_run_id=outcome.eval_run_id, protocol=protocol,
+                                ratio_kind=ratio_kind(p.method))
 
 
 def choose_best(frame: pd.DataFrame, outcomes: list[Outcome], sweep: Sweep) -> tuple[dict, list]:
@@ -825,15 +832,20 @@ def choose_best(frame: pd.DataFrame, outcomes: list[Outcome], sweep: Sweep) -> t
     notes = []
     if not sweep.config.eval:
         notes.append("eval is off: nothing was measured, so no point is best (turn eval on)")
-    sel = selection.select(rows, rule, ["model", RATIO], order=[START, "eval_run_id"],
-                           label=lambda g: f"{_short_model(g['model'])} ratio {g[RATIO]:g}")
-    groups = {(p.model, p.ratio) for p in sweep.points}
-    done = {(b.group["model"], b.group[RATIO]) for b in sel.best}
-    missing = list(sel.missing) + [({"model": m, RATIO: r}, "no point of this group finished its eval")
-                                   for m, r in sorted(groups - done - {(g["model"], g[RATIO]) for g, _ in sel.missing})]
+    sel = selection.select(rows, rule, ["model", RATIO, KIND], order=[START, "eval_run_id"],
+                           label=lambda g: f"{_short_model(g['model'])} {_ratio_word(g[KIND])} {g[RATIO]:g}")
+    groups = {(p.model, p.ratio, ratio_kind(p.method)) for p in sweep.points}
+    key = lambda g: (g["model"], g[RATIO], g[KIND])  # noqa: E731
+    done = {key(b.group) for b in sel.best} | {key(g) for g, _ in sel.missing}
+    missing = list(sel.missing) + [({"model": m, RATIO: r, KIND: k}, "no point of this group finished its eval")
+                                   for m, r, k in sorted(groups - done)]
     bests = [(b, best_config(b, outcomes[int(b.row["_outcome"])], sweep)) for b in sel.best]
     doc = selection.document(rule, [c for _, c in bests], missing, notes + sel.notes)
     return doc, bests
+
+
+def _ratio_word(kind: str) -> str:
+    return "sparsity" if kind == schema.RATIO_SPARSITY else "ratio"
 
 
 def log_best(doc: dict, bests: list, sweep: Sweep) -> str:
@@ -842,17 +854,18 @@ def log_best(doc: dict, bests: list, sweep: Sweep) -> str:
     runs.log_params({schema.P_SELECTION_RULE: sweep.config.rule.describe()})
     tags = {}
     for _, cfg in bests:
-        group = f"{_short_model(cfg.model)}_{cfg.pruning_ratio:g}"
+        sparse = "_sparsity" if cfg.ratio_kind == schema.RATIO_SPARSITY else ""
+        group = f"{_short_model(cfg.model)}_{cfg.pruning_ratio:g}{sparse}"
         tags[schema.best_run_tag(group)] = cfg.prune_run_id
         tags[schema.best_run_tag(group, eval_run=True)] = cfg.eval_run_id
-    if len({(p.model, p.ratio) for p in sweep.points}) == 1 and bests:
+    if len({(p.model, p.ratio, ratio_kind(p.method)) for p in sweep.points}) == 1 and bests:
         tags[schema.TAG_BEST_RUN], tags[schema.TAG_BEST_EVAL_RUN] = bests[0][1].prune_run_id, bests[0][1].eval_run_id
     runs.set_tags(tags)
     lines = [f"Selection rule: {sweep.config.rule.describe()}.", ""]
     for _, cfg in bests:
         won = ", ".join(f"`{k}` {v:.4g}" for k, v in cfg.metrics.items() if k in cfg.won_by)
         swept = ", ".join(f"{k}={v}" for k, v in cfg.swept.items())
-        lines.append(f"- **{_short_model(cfg.model)}, ratio {cfg.pruning_ratio:g}**: {cfg.method}"
+        lines.append(f"- **{_short_model(cfg.model)}, {_ratio_word(cfg.ratio_kind)} {cfg.pruning_ratio:g}**: {cfg.method}"
                      f"{' ' + swept if swept else ''} — won by {won} (of {cfg.candidates} points"
                      f"{f', {cfg.excluded} excluded' if cfg.excluded else ''}); prune run `{cfg.prune_run_id}`, "
                      f"eval run `{cfg.eval_run_id}`")

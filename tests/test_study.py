@@ -3,11 +3,13 @@ the five analyses of analysis.cross_model, export / registry, MLflow models and 
 
 Two stores:
 
-* ``real`` (built once per session): the real ``search`` entry point on six tiny saved models
-  registered as the six aliases (Llama / Qwen / Mistral x Base / Instruct) through a models file;
-  taylor and magnitude at 25%, an offline zero-shot task + perplexity. Every value
-  the tools report is recomputed here from the runs themselves (MlflowClient), by the documented
-  rule, not by the code under test.
+* ``real`` (built once, in the session's store): the real ``search`` entry point on six tiny saved
+  models registered as the six aliases (Llama / Qwen / Mistral x Base / Instruct) through a models
+  file; taylor and magnitude at 25%, an offline zero-shot task + perplexity; then the same sweep for
+  Llama alone (every point reused) and, in its own experiment, a structured and a sparsity method
+  at the same ratio with every point claimed in the store (a claims-registry run). Every value the
+  tools report is recomputed here from the runs themselves (MlflowClient), by the documented rule,
+  not by the code under test.
 * fabricated runs with controlled metrics (logged through tracking.runs exactly as the entry points
   log them), where the best of every model is known by construction: ties, missing metrics,
   several ratios, a LoRA stage, a Base without its Instruct.
@@ -32,7 +34,7 @@ from analysis import consolidate, cross_model, figures, query, selection, study 
 from analysis.selection import Rule
 from conftest import make_tiny_model, make_word_tokenizer
 from prune_entry import evaluate, search
-from tracking import runs, schema, store
+from tracking import claims, runs, schema, store
 
 REPO = Path(__file__).resolve().parents[1]
 ALIASES = {"Llama": ("Llama", "Base"), "Llama-Instruct": ("Llama", "Instruct"), "Qwen": ("Qwen", "Base"),
@@ -102,8 +104,8 @@ def corpus(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def real(tmp_path_factory):
+@pytest.fixture(scope="module")
+def real(tmp_path_factory, _session_store):
     """Six tiny models as the six aliases, one search over all of them (real entry points)."""
     root = tmp_path_factory.mktemp("study")
     text = corpus(root / "corpus.txt")
@@ -115,7 +117,8 @@ def real(tmp_path_factory):
         entries[alias] = {"path": str(directory), "family": family, "variant": variant}
     models_file = root / "models.yaml"
     models_file.write_text(yaml.safe_dump(entries))
-    uri, exp = f"sqlite:///{root / 'mlflow.db'}", "study"
+    tag = uuid.uuid4().hex[:6]
+    uri, exp, sparse_exp = _session_store, f"study-{tag}", f"study-sparse-{tag}"
     prune_args = (f"--calibration_dataset {text} --taylor_seq_len 16 --taylor_num_samples 4 --batch_size 4 --reconstruct none "
                   f"--device cpu --models_file {models_file}")
     eval_args = (f"--ppl_datasets corpus={text} --ppl_seq_len 16 --tasks {TASK} --task_corpus c={text} "
@@ -138,8 +141,16 @@ def real(tmp_path_factory):
         assert search.main(one) == 0
         searches = client.search_runs([eid], f"tags.{schema.TAG_STAGE} = 'search'",
                                       order_by=["attributes.start_time ASC"])
+        # its own experiment: a structured and a sparsity method at the same ratio 0.25, each point
+        # claimed in the store first (a claims-registry run that analysis must ignore)
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", sparse_exp)
+        sparse = ["--models", "Llama", "--methods", "magnitude,magnitude_unstructured", *argv[4:], "--claim_points", "true"]
+        assert search.main(sparse) == 0
+        sid = client.get_experiment_by_name(sparse_exp).experiment_id
+        sparse_search = client.search_runs([sid], f"tags.{schema.TAG_STAGE} = 'search'")[0].info.run_id
     return {"uri": uri, "experiment": exp, "root": root, "text": text, "models_file": models_file,
-            "search": first.info.run_id, "search_one": searches[-1].info.run_id, "eval_args": eval_args}
+            "search": first.info.run_id, "search_one": searches[-1].info.run_id, "eval_args": eval_args,
+            "sparse_search": sparse_search, "sparse_experiment": sparse_exp}
 
 
 @pytest.fixture
@@ -350,7 +361,7 @@ def test_export_register_and_models_uri(in_real, tmp_path):
     v1 = client.get_model_version(schema.registered_model_name("Llama"), "1")
     assert v1.run_id == t["Llama"]["best"]["prune"] and v1.tags[schema.P_METHOD] == t["Llama"]["best"]["method"]
     assert float(v1.tags[PPL]) == pytest.approx(t["Llama"]["best"]["ppl"], rel=1e-5)
-    assert cross_model.main([*args, "--register", "true"]) == 0   # a new version per call
+    cross_model.register_best(study_mod.load([in_real["experiment"]]))   # what each --register call does
     assert client.get_model_version(schema.registered_model_name("Llama"), "2").run_id == v1.run_id
     resolved = store.resolve_model_source(f"models:/{schema.registered_model_name('Llama')}/2")
     assert resolved.source_run_id == v1.run_id and (Path(resolved.local_path) / "config.json").is_file()
@@ -400,6 +411,7 @@ def test_pruned_model_is_an_mlflow_model_and_data_are_dataset_inputs(in_real):
 # ------------------------------------------------------------------------------ fabricated runs
 
 PROTO = "wiki [test], 128-token non-overlapping windows, BOS-prefixed"
+SECRET_URL = "https://alice:hunter2pw@data.example/c.txt"   # a data source with credentials in it
 
 
 def _tags(alias: str) -> dict:
@@ -411,7 +423,8 @@ def _tags(alias: str) -> dict:
 def fake_prune(alias, method, ratio, **params) -> str:
     with runs.tracked_run(schema.STAGE_PRUNE, tags={**_tags(alias), schema.TAG_METHOD: method}) as r:
         runs.log_params({schema.P_MODEL: alias, schema.P_METHOD: method, schema.P_PRUNING_RATIO: ratio,
-                         "taylor_seq_len": 128, "taylor_num_samples": 128, "reconstruct": "none", **params})
+                         "taylor_seq_len": 128, "taylor_num_samples": 128, "reconstruct": "none",
+                         "calibration_dataset": SECRET_URL, **params})
         runs.log_metrics({schema.M_ACHIEVED_RATIO: ratio, schema.M_PARAMS_AFTER: 1000 * (1 - ratio)})
         layers = [{"kept_kv_groups": [0], "kept_channels": list(range(3 + i))} for i in range(3)]
         runs.log_json({"original": [{"n_kv": 2, "intermediate": 6}] * 3, "layers": layers}, schema.A_PLAN)
@@ -566,6 +579,10 @@ def test_select_by_a_metric_no_run_has_gives_partial_results(in_known, tmp_path,
     doc = json.loads((out / schema.A_ANALYSIS_SUMMARY).read_text())
     assert doc[schema.STUDY_BEST] == [] and len(doc["no_best"]) == 7
     assert "(no rows)" in (out / schema.study_artifact(schema.STUDY_BEST, "md")).read_text()
+    # every prune run read data from a URL with credentials: no report repeats them
+    written = {p.name: p.read_text() for p in out.iterdir() if p.suffix in (".csv", ".json", ".md", ".tex")}
+    assert not [n for n, text in written.items() if "hunter2pw" in text] and "hunter2pw" not in printed
+    assert "https://***@data.example/c.txt" in written[schema.A_RESULTS_TABLE]
 
 
 def test_consolidate_bad_input(in_known, tmp_path, monkeypatch, capsys):
@@ -582,9 +599,6 @@ def test_consolidate_bad_input(in_known, tmp_path, monkeypatch, capsys):
     out = tmp_path / "dense"
     assert cross_model.main(["--experiments", dense_only, "--output_dir", str(out)]) == 0   # partial results
     assert "no pruned or pruned+LoRA eval in the selection" in capsys.readouterr().out
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'empty.db'}")
-    assert consolidate.main(["--all", "true"]) == 2
-    assert "no finished eval runs in the store" in capsys.readouterr().err
 
 
 def inside(fig) -> None:
@@ -653,3 +667,91 @@ def test_study_configs_are_the_study(name):
 def test_study_configs_cover_the_six_models():
     models = {yaml.safe_load(p.read_text())["models"][0] for p in (REPO / "configs" / "sweeps").glob("study_*.yaml")}
     assert models == set(ALIASES) | {"demo"}
+
+
+# ------------------------------------------------------------------------------ ratio kinds, claims
+
+def test_sparsity_and_structured_are_separate_groups_and_claims_runs_are_ignored(in_real, tmp_path):
+    client = MlflowClient(in_real["uri"])
+    sparse_exp = in_real["sparse_experiment"]
+    sid = client.get_experiment_by_name(sparse_exp).experiment_id
+    every = client.search_runs([sid], run_view_type=3)
+    registry = [r for r in every if r.data.tags.get(schema.TAG_STAGE) == claims.STAGE_CLAIMS]
+    assert registry and all(r.data.tags.get(claims.TAG_REGISTRY) == "true" for r in registry)
+    frame = query.runs_frame([sparse_exp], include_failed=True)
+    assert not set(r.info.run_id for r in registry) & set(frame["run_id"])
+    assert set(frame["stage"]) == {schema.STAGE_SEARCH, schema.STAGE_PRUNE, schema.STAGE_EVAL}
+    assert len(frame) == len(every) - len(registry)
+    # the joined table: each prune run's target and achieved value of its own kind
+    table = query.results_table([sparse_exp])
+    assert len(table) == 2
+    for _, row in table.iterrows():
+        prune = client.get_run(row["prune_run_id"])
+        kind = prune.data.tags[schema.TAG_RATIO_KIND]
+        assert row[query.RATIO_KIND] == kind
+        if kind == schema.RATIO_SPARSITY:
+            assert row["method"] == "magnitude_unstructured"
+            assert row[query.RATIO] == prune.data.metrics[schema.M_TARGET_SPARSITY] == 0.25
+            assert row[query.ACHIEVED] == prune.data.metrics[schema.M_ACHIEVED_SPARSITY]
+        else:
+            assert row["method"] == "magnitude" and kind == schema.RATIO_STRUCTURED
+            assert row[query.RATIO] == float(prune.data.params[schema.P_PRUNING_RATIO]) == 0.25
+            assert row[query.ACHIEVED] == prune.data.metrics[schema.M_ACHIEVED_RATIO]
+    # one best per kind, never one compared with the other: in the search and in the study
+    doc = mlflow.artifacts.load_dict(f"runs:/{in_real['sparse_search']}/{schema.A_BEST_CONFIG}")
+    assert sorted((b["method"], b["ratio_kind"]) for b in doc["best"]) == [
+        ("magnitude", schema.RATIO_STRUCTURED), ("magnitude_unstructured", schema.RATIO_SPARSITY)]
+    assert all(b["candidates"] == 1 for b in doc["best"])
+    tags = client.get_run(in_real["sparse_search"]).data.tags
+    assert {schema.best_run_tag("Llama_0.25"), schema.best_run_tag("Llama_0.25_sparsity")} <= set(tags)
+    s = study_mod.load([sparse_exp])
+    assert s.groups() == [(0.25, schema.LABEL_PRUNED, schema.RATIO_STRUCTURED),
+                          (0.25, schema.LABEL_PRUNED, schema.RATIO_SPARSITY)]
+    best = study_mod.best_configs(s)
+    assert list(best.frame[study_mod.KIND_COLUMN]) == [schema.RATIO_STRUCTURED, schema.RATIO_SPARSITY]
+    assert schema.RATIO_KINDS[schema.RATIO_SPARSITY] in best.caption
+    assert schema.RATIO_KINDS[schema.RATIO_STRUCTURED] in best.caption
+
+
+def test_tables_state_the_protocol_and_the_standard_errors(in_real):
+    client = MlflowClient(in_real["uri"])
+    table = query.results_table([in_real["experiment"]], details=True)
+    s = study_mod.build(table, Rule())
+    best = study_mod.best_configs(s)
+    task = schema.task_metric(TASK, "acc_norm")
+    for _, row in best.frame.iterrows():
+        metrics = client.get_run(row["eval run"]).data.metrics
+        se = metrics[schema.stderr_metric(task)]           # lm-eval's standard error, one task
+        assert row["± ACC"] == pytest.approx(se, rel=1e-12)
+    cap = best.caption
+    assert f"{TASK}=acc_norm" in cap and "0-shot" in cap and "corpus" in cap and "16-token" in cap
+    assert "± ACC = standard error" in cap and schema.RATIO_KINDS[schema.RATIO_STRUCTURED] in cap
+    md = tables.markdown(best)
+    assert f"±{row['± ACC']:.4f}" in md
+    # the best_config protocol also counts the windows and tokens scored, from the eval run
+    b = s.selection.best[0]
+    proto = study_mod.best_config(s, b).protocol[PPL]
+    m = client.get_run(b.row["eval_run_id"]).data.metrics
+    windows = int(m[schema.dataset_metric(schema.M_PPL_WINDOWS, "corpus")])
+    tokens = int(m[schema.dataset_metric(schema.M_PPL_TOKENS, "corpus")])
+    assert proto.endswith(f"{windows:,} windows, {tokens:,} tokens scored") and windows > 0
+    p = cross_model.pivot(table, ACC)
+    header, body = cross_model.grid(p)
+    assert all("±" in cell for r in body for cell in r[len(p.values.index.names):] if cell != "–")
+    assert "± = standard error" in cross_model.caption(p)
+
+
+def test_an_empty_store_is_named_without_its_credentials(tmp_path, monkeypatch, capsys):
+    """An empty store: one line naming it (the tracking URI redacted), exit 2, for both tools."""
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t-pw-42")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 's3cr3t-pw-42' / 'mlflow.db'}")
+    (tmp_path / "s3cr3t-pw-42").mkdir()
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    assert cross_model.store_label().endswith("/***/mlflow.db")
+    assert cross_model.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no finished eval runs in the store sqlite:///" in err and "s3cr3t-pw-42" not in err
+    assert consolidate.main(["--all", "true"]) == 2
+    assert "no finished eval runs in the store" in capsys.readouterr().err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://alice:pw1234567@tracking.example:5000")
+    assert cross_model.store_label() == "http://***@tracking.example:5000"

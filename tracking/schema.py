@@ -180,6 +180,7 @@ A_FT_EXAMPLE = "finetune_example.txt"
 M_PPL = "ppl/{dataset}"                   # exp(mean NLL) under the logged protocol
 M_NLL = "nll/{dataset}"                   # mean NLL per scored token (nats)
 M_PPL_TOKENS = "ppl_tokens/{dataset}"     # scored tokens
+M_PPL_WINDOWS = "ppl_windows/{dataset}"   # windows scored
 M_ZS_MEAN = "zeroshot/mean_acc"           # mean task score (measure per acc_convention)
 M_ZS_TASKS = "zeroshot/num_tasks"
 M_MODEL_PARAMS = "model/params"
@@ -241,6 +242,11 @@ LABEL_PRUNED_LORA = "pruned+LoRA"          # eval -> finetune run -> prune run
 LABEL_DENSE_LORA = "dense+LoRA"            # eval -> finetune run of an unpruned model
 A_RESULTS_TABLE = "results_table.csv"      # analysis.cross_model: the joined table
 A_CROSS_MODEL = "cross_model_{metric}"     # + .md / .tex / .csv / _relative.csv / .png
+A_CROSS_MODEL_RELATIVE = "cross_model_{metric}_relative"   # + .csv: the change vs dense, in %
+RUN_CROSS_MODEL = "cross_model"            # run name of analysis.cross_model runs
+RUN_CONSOLIDATE = "consolidate"            # run name of analysis.consolidate runs
+M_N_RESULTS = "n_results"                  # analysis: rows of the joined results table
+M_N_MODELS = "n_models"                    # analysis: distinct models in it
 A_BASE_INSTRUCT_FIG = "base_vs_instruct_{metric}.png"
 
 
@@ -505,3 +511,37 @@ def zeroshot_task_metrics(task_measures: str | None) -> dict[str, str]:
         if eq and measure and measure != "None":
             out[task] = task_metric(task, measure)
     return out
+
+
+# ---- metric families and uncertainties, as analysis/ reads them back ------------------------------
+def group(template: str) -> str:
+    """The family (first path part) of a metric name or template: ``ppl/{dataset}`` -> ``ppl``."""
+    return parse(template).group or template
+
+
+G_PPL, G_NLL, G_PPL_TOKENS, G_PPL_WINDOWS = group(M_PPL), group(M_NLL), group(M_PPL_TOKENS), group(M_PPL_WINDOWS)
+G_ZEROSHOT, G_MODEL, G_SPEED = group(M_ZS_MEAN), group(M_MODEL_PARAMS), group(M_SPEED_DECODE)
+STDERR_SUFFIX = "_stderr"                  # lm-eval's <measure>_stderr (``piqa/acc_stderr``)
+
+
+def in_group(name: str, *groups: str) -> bool:
+    """Whether metric ``name`` belongs to one of the families ``groups`` (``ppl``, ``zeroshot``, ...)."""
+    return parse(name).group in groups
+
+
+def stderr_metric(metric: str) -> str:
+    """``piqa/acc`` -> ``piqa/acc_stderr``: the standard error lm-eval logs beside a task score."""
+    return metric + STDERR_SUFFIX
+
+
+def is_stderr(metric: str) -> bool:
+    return metric.endswith(STDERR_SUFFIX)
+
+
+def dataset_metric(template: str, dataset: str) -> str:
+    """``nll/{dataset}`` / ``ppl_tokens/{dataset}`` / ``ppl_windows/{dataset}`` of one dataset."""
+    return metric_name(template.format(dataset=dataset))
+
+
+RATIO_KINDS = {RATIO_STRUCTURED: "fraction of prunable attention+MLP parameters removed (structured)",
+               RATIO_SPARSITY: "fraction of the projection weights set to zero (sparsity)"}
