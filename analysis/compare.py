@@ -18,6 +18,7 @@ The JSON and Markdown reports are logged to an analysis run (experiment gqaprune
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -356,10 +357,10 @@ def run(args, labels: list[str], collect_fn=None, logged: dict | None = None) ->
     label = lambda i: labels[i] if labels else None  # noqa: E731
     original = collect_fn(original_src, label(0), notes)
     pruned = [collect_fn(src, label(i + 1), notes) for i, src in enumerate(args.pruned)]
-    report = build_report(original, pruned, notes)
+    report = json.loads(redact(runs.dump_json(build_report(original, pruned, notes))))   # no credentials
     for cmp in report["comparisons"]:
-        print(terminal_table(cmp) + "\n")
-    md = markdown(report)
+        print(redact(terminal_table(cmp)) + "\n")
+    md = redact(markdown(report))
     runs.set_tags({schema.TAG_COMPARED_RUNS: ",".join(s.run_id for s in [original, *pruned])})
     runs.log_json(report, schema.A_COMPARE_JSON)
     runs.log_text(md, schema.A_COMPARE_MD)

@@ -75,7 +75,8 @@ PRUNE_METRICS = (ACHIEVED, PARAMS_AFTER)   # usable as pivot metrics too
 STAGE_ORDER = (schema.LABEL_DENSE, schema.LABEL_DENSE_LORA, schema.LABEL_PRUNED, schema.LABEL_PRUNED_LORA)
 
 # Params that do not change the model or the measurement (where it is written, how it is run).
-PRUNE_IGNORED = {schema.P_MODEL, "models_file", "output_dir", "device", "save_model"}
+PRUNE_IGNORED = {schema.P_MODEL, "models_file", "output_dir", "device", "save_model", "verbose", "cache_dir",
+                 "data_dir"}
 _PRUNE_IGNORED = PRUNE_IGNORED
 _FT_IGNORED = {schema.P_MODEL_URI, "models_file", "output_dir", "device", "checkpoint_dir", "checkpoint_every",
                "resume", "eval_after", "eval_args", "progress"}

@@ -181,7 +181,7 @@ def ratio_text(ratio: float, kind: str) -> str:
 def ratio_caption(study: "Study") -> str:
     """What the ratio column measures, for every ratio kind of the study."""
     kinds = study.kinds or [schema.RATIO_STRUCTURED]
-    return "Ratio = target " + "; ".join(f"{schema.RATIO_KINDS[k]}" for k in kinds) + "."
+    return "Ratio = the target; " + "; ".join(schema.RATIO_KINDS[k] for k in kinds) + "."
 
 
 def display(value) -> str | None:

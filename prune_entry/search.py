@@ -815,8 +815,8 @@ def best_config(best: selection.Best, outcome: Outcome, sweep: Sweep) -> selecti
                                          or c in DIAGNOSIS_COLUMNS or c == schema.M_ZS_MEAN)
                 and isinstance(row[c], (int, float)) and not pd.isna(row[c])]
     metrics = {**won, **{c: float(row[c]) for c in measured if c not in won}}
-    _, params = _metrics(outcome.eval_run_id)
-    protocol = {k.metric: protocol_of(k.metric, params) for k in best.keys}
+    em, params = _metrics(outcome.eval_run_id)
+    protocol = {k.metric: protocol_of(k.metric, {**params, **em}, counts=True) for k in best.keys}
     return selection.BestConfig(model=p.model, model_path=spec.path, family=spec.family, variant=spec.variant,
                                 method=p.method, pruning_ratio=p.ratio, stage=schema.LABEL_PRUNED, swept=swept,
                                 fixed=fixed, metrics=metrics, won_by=best.won_by, candidates=best.candidates,

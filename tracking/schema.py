@@ -543,5 +543,5 @@ def dataset_metric(template: str, dataset: str) -> str:
     return metric_name(template.format(dataset=dataset))
 
 
-RATIO_KINDS = {RATIO_STRUCTURED: "fraction of prunable attention+MLP parameters removed (structured)",
-               RATIO_SPARSITY: "fraction of the projection weights set to zero (sparsity)"}
+RATIO_KINDS = {RATIO_STRUCTURED: "structured: fraction of prunable attention+MLP parameters removed",
+               RATIO_SPARSITY: "sparsity: fraction of the projection weights set to zero"}
