@@ -18,6 +18,7 @@ The JSON and Markdown reports are logged to an analysis run (experiment gqaprune
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 from tracking import UserError
 from tracking.cli import Parser, optional_str, raw_flags
 from tracking import runs, schema, store
+from tracking.redact import redact
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_MEM_MB = "model/param_mb"   # report key (not a metric): param_bytes / 2**20
@@ -102,7 +104,7 @@ def _get_run(run_id: str):
     try:
         return store.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - mlflow raises several types
-        raise UserError(f"run '{run_id}' not found in the tracking store ({runs.tracking_uri()})",
+        raise UserError(f"run '{run_id}' not found in the tracking store ({redact(runs.tracking_uri())})",
                         "pass a run id from this store (see `mlflow ui`) or set MLFLOW_TRACKING_URI") from exc
 
 
@@ -133,7 +135,7 @@ def collect(source: str, label: str | None, notes: list[str]) -> EvalSummary:
             return summary_of_run(run, label)
     found = _eval_runs_of(source)
     if not found:
-        raise UserError(f"'{source}' has no finished eval run in the store ({runs.tracking_uri()})", ON_DEMAND_HINT)
+        raise UserError(f"'{source}' has no finished eval run in the store ({redact(runs.tracking_uri())})", ON_DEMAND_HINT)
     if len(found) > 1:
         notes.append(f"{source[:40]}: {len(found)} eval runs, the latest ({found[0].info.run_id[:8]}) is used")
     return summary_of_run(found[0], label)
@@ -355,10 +357,10 @@ def run(args, labels: list[str], collect_fn=None, logged: dict | None = None) ->
     label = lambda i: labels[i] if labels else None  # noqa: E731
     original = collect_fn(original_src, label(0), notes)
     pruned = [collect_fn(src, label(i + 1), notes) for i, src in enumerate(args.pruned)]
-    report = build_report(original, pruned, notes)
+    report = json.loads(redact(runs.dump_json(build_report(original, pruned, notes))))   # no credentials
     for cmp in report["comparisons"]:
-        print(terminal_table(cmp) + "\n")
-    md = markdown(report)
+        print(redact(terminal_table(cmp)) + "\n")
+    md = redact(markdown(report))
     runs.set_tags({schema.TAG_COMPARED_RUNS: ",".join(s.run_id for s in [original, *pruned])})
     runs.log_json(report, schema.A_COMPARE_JSON)
     runs.log_text(md, schema.A_COMPARE_MD)

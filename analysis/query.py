@@ -15,7 +15,16 @@ param, the eval protocol); values are compared after normalising their spelling 
 ``.20``, ``None`` = ``none``). When one configuration was evaluated several times, the latest eval
 (by start time) is kept and ``n_evals`` says how many there were.
 
-Reads the store only through :mod:`tracking.store` (no CSV, no mlflow import here).
+Runs of the claims registry (``tracking.claims``: stage ``claims``, tag ``claims_registry``) are
+bookkeeping of distributed sweeps, not results: :func:`runs_frame` leaves them out.
+
+Structured and sparsity runs are told apart by the prune run's ``ratio_kind`` tag: the
+``pruning_ratio`` column holds the target of that kind (structured: the ``pruning_ratio`` param,
+the fraction of prunable parameters removed; sparsity: the ``target_sparsity`` metric, the fraction
+of projection weights set to zero), ``achieved_ratio`` the achieved value of the same kind.
+
+Reads the store only through :mod:`tracking.store` (no CSV, no mlflow import here); every column,
+param and metric name comes from :mod:`tracking.schema`.
 """
 from __future__ import annotations
 
@@ -27,39 +36,62 @@ from pathlib import Path
 import pandas as pd
 
 from tracking import schema, store
+from tracking.claims import STAGE_CLAIMS, TAG_REGISTRY
+from tracking.connect import tracking_uri
+from tracking.redact import redact
+
+# Column names that are schema names (tags / params / metrics of the same meaning).
+ALIAS, PATH, SOURCE = schema.TAG_MODEL_ALIAS, schema.TAG_MODEL_PATH, schema.TAG_SOURCE_RUN
+SEARCH, FAILURE = schema.TAG_SEARCH_RUN, schema.TAG_FAILURE
+RATIO, ACHIEVED, PARAMS_AFTER = schema.P_PRUNING_RATIO, schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER
+PPL_SEQ_LEN, NUM_FEWSHOT = schema.P_PPL_SEQ_LEN, schema.P_NUM_FEWSHOT
 
 # runs_frame: fixed columns (tag-derived) before params.* and metrics.*
 _TAG_COLUMNS = {"run_name": schema.TAG_RUN_NAME, "stage": schema.TAG_STAGE,
-                "model_alias": schema.TAG_MODEL_ALIAS, "family": schema.TAG_MODEL_FAMILY,
-                "variant": schema.TAG_MODEL_VARIANT, "model_path": schema.TAG_MODEL_PATH,
-                "method": schema.TAG_METHOD, "source_run_id": schema.TAG_SOURCE_RUN,
-                "parent_run_id": schema.TAG_PARENT_RUN, "search_run_id": schema.TAG_SEARCH_RUN,
-                "failure_reason": schema.TAG_FAILURE}
+                ALIAS: schema.TAG_MODEL_ALIAS, "family": schema.TAG_MODEL_FAMILY,
+                "variant": schema.TAG_MODEL_VARIANT, PATH: schema.TAG_MODEL_PATH,
+                "method": schema.TAG_METHOD, SOURCE: schema.TAG_SOURCE_RUN,
+                "parent_run_id": schema.TAG_PARENT_RUN, SEARCH: schema.TAG_SEARCH_RUN,
+                FAILURE: schema.TAG_FAILURE, schema.TAG_RATIO_KIND: schema.TAG_RATIO_KIND}
 RUN_COLUMNS = ["run_id", "stage", "status", "experiment", "start_time", "end_time", "run_name",
-               "model_alias", "family", "variant", "model_path", "method", "source_run_id",
-               "parent_run_id", "search_run_id", "failure_reason"]
+               ALIAS, "family", "variant", PATH, "method", SOURCE, "parent_run_id", SEARCH, FAILURE,
+               schema.TAG_RATIO_KIND]
+RATIO_KIND = schema.TAG_RATIO_KIND
 
 # results_table: identity, configuration, protocol and provenance columns (metrics come between)
-ID_COLUMNS = ["model_alias", "family", "variant", "method", "pruning_ratio", "achieved_ratio",
-              "reconstruct", "stage", "setting", "params_after"]
-PROTOCOL_COLUMNS = ["ppl_seq_len", "num_fewshot", schema.P_ACC_CONVENTION, schema.P_TASK_MEASURES,
+ID_COLUMNS = [ALIAS, "family", "variant", "method", RATIO, RATIO_KIND, ACHIEVED, "reconstruct", "stage",
+              "setting", PARAMS_AFTER]
+PROTOCOL_COLUMNS = [PPL_SEQ_LEN, NUM_FEWSHOT, schema.P_ACC_CONVENTION, schema.P_TASK_MEASURES,
                     schema.P_TASKS_RUN, schema.P_LIMIT]
 RUN_ID_COLUMNS = ["prune_run_id", "finetune_run_id", "eval_run_id", "n_evals", "eval_start_time",
-                  "experiment", "search_run_id", "model_path"]
-PRUNE_METRICS = ("achieved_ratio", "params_after")   # usable as pivot metrics too
+                  "experiment", SEARCH, PATH]
+# results_table(details=True): the prune run's params (dict), its gradient diagnosis and the order
+# of the eval's perplexity datasets (the selection rule's tie-break uses the first).
+PRUNE_PARAMS = "prune_params"
+DIAGNOSIS_METRICS = (schema.M_GRAD_NORM_RATIO, schema.M_GRAD_MEAN_RATIO, schema.M_NUM_EXTREME_LAYERS,
+                     schema.M_MEAN_RATIO)
+DETAIL_COLUMNS = [PRUNE_PARAMS, *DIAGNOSIS_METRICS, schema.P_PPL_RUN]
+PRUNE_METRICS = (ACHIEVED, PARAMS_AFTER)   # usable as pivot metrics too
 STAGE_ORDER = (schema.LABEL_DENSE, schema.LABEL_DENSE_LORA, schema.LABEL_PRUNED, schema.LABEL_PRUNED_LORA)
 
 # Params that do not change the model or the measurement (where it is written, how it is run).
-_PRUNE_IGNORED = {"model", "models_file", "output_dir", "device", "save_model"}
-_FT_IGNORED = {"model_uri", "models_file", "output_dir", "device", "checkpoint_dir", "checkpoint_every",
+PRUNE_IGNORED = {schema.P_MODEL, "models_file", "output_dir", "device", "save_model", "verbose", "cache_dir",
+                 "data_dir"}
+_PRUNE_IGNORED = PRUNE_IGNORED
+_FT_IGNORED = {schema.P_MODEL_URI, "models_file", "output_dir", "device", "checkpoint_dir", "checkpoint_every",
                "resume", "eval_after", "eval_args", "progress"}
 # The eval protocol: what was measured and how (ppl_protocol/<dataset> params are added per run).
-_EVAL_PROTOCOL = ("ppl_datasets_run", schema.P_TASKS_RUN, schema.P_TASK_MEASURES, schema.P_NUM_FEWSHOT,
+_EVAL_PROTOCOL = (schema.P_PPL_RUN, schema.P_TASKS_RUN, schema.P_TASK_MEASURES, schema.P_NUM_FEWSHOT,
                   schema.P_ACC_CONVENTION, schema.P_LIMIT, "task_corpus", "task_choices", "task_items",
                   "seed", "dtype")
 
 
 # ------------------------------------------------------------------------------ runs_frame
+
+def store_label() -> str:
+    """The tracking URI as analysis prints or writes it: credentials redacted (tracking.redact)."""
+    return redact(tracking_uri())
+
 
 def experiment_list(experiments) -> list[str] | None:
     """``"a,b"`` or ``["a", "b"]`` -> list; None / "" / "none" -> None (every experiment)."""
@@ -70,25 +102,42 @@ def experiment_list(experiments) -> list[str] | None:
     return None if not items or items == ["none"] else items
 
 
+def _is_claims(raw: pd.DataFrame) -> pd.Series:
+    """Rows of claims-registry runs (tracking.claims): stage ``claims`` or tag ``claims_registry``."""
+    hit = pd.Series(False, index=raw.index)
+    for tag, value in ((schema.TAG_STAGE, STAGE_CLAIMS), (TAG_REGISTRY, "true")):
+        col = schema.tag_column(tag)
+        if col in raw:
+            hit |= raw[col].astype(str).str.lower() == value
+    return hit
+
+
 def _tidy(raw: pd.DataFrame) -> pd.DataFrame:
-    """MLflow's search frame -> RUN_COLUMNS + params.* + metrics.* (tags.* dropped)."""
+    """MLflow's search frame -> RUN_COLUMNS + params.* + metrics.* (tags.* dropped; claims-registry
+    runs dropped)."""
+    if not raw.empty:
+        raw = raw[~_is_claims(raw)]
     if raw.empty:
         return pd.DataFrame(columns=RUN_COLUMNS)
     out = pd.DataFrame({"run_id": raw["run_id"], "status": raw["status"], "experiment": raw["experiment"],
                         "start_time": raw["start_time"], "end_time": raw["end_time"]})
     for col, tag in _TAG_COLUMNS.items():
-        values = raw[f"tags.{tag}"] if f"tags.{tag}" in raw else None
+        name = schema.tag_column(tag)
+        values = raw[name] if name in raw else None
         out[col] = values.astype(object).where(values.notna(), None) if values is not None else None
-    extra = sorted(c for c in raw.columns if c.startswith(("params.", "metrics.")))
+    extra = sorted(c for c in raw.columns if schema.split_column(c)[0] in _KEPT_KINDS)
     out = pd.concat([out[RUN_COLUMNS], raw[extra]], axis=1)
     return out.sort_values(["start_time", "run_id"], ignore_index=True)
+
+
+_KEPT_KINDS = (schema.split_column(schema.param_column(""))[0], schema.split_column(schema.metric_column(""))[0])
+_PARAMS, _METRICS = _KEPT_KINDS
 
 
 def runs_frame(experiments=None, include_failed: bool = False) -> pd.DataFrame:
     """One row per run: run_id, stage, status, experiment, start/end time, the tags model_alias /
     family / variant / model_path / method / source_run_id / parent_run_id / search_run_id /
-    failure_reason, then
-    every param (``params.<name>``) and metric (``metrics.<name>``, the latest value).
+    failure_reason / ratio_kind, then every param (``params.<name>``) and metric (``metrics.<name>``, the latest value).
 
     ``experiments``: names (list or comma string); default every experiment. Unknown names are a
     UserError. ``include_failed``: also FAILED / KILLED / RUNNING runs.
@@ -113,17 +162,27 @@ def _canon(value) -> str:
         return text
 
 
+canon = _canon   # public names: analysis.study compares and shows prune params the same way
+
+
 def _params(row: pd.Series | None) -> dict[str, str]:
     if row is None:
         return {}
-    return {k[7:]: v for k, v in row.items() if k.startswith("params.") and isinstance(v, str)}
+    return {name: v for kind, name, v in _columns(row) if kind == _PARAMS and isinstance(v, str)}
 
 
 def _metrics(row: pd.Series | None) -> dict[str, float]:
     if row is None:
         return {}
-    return {k[8:]: float(v) for k, v in row.items()
-            if k.startswith("metrics.") and v is not None and not pd.isna(v)}
+    return {name: float(v) for kind, name, v in _columns(row)
+            if kind == _METRICS and v is not None and not pd.isna(v)}
+
+
+def _columns(row: pd.Series):
+    """(kind, name, value) of every ``params.*`` / ``metrics.*`` cell of a runs_frame row."""
+    for column, value in row.items():
+        kind, name = schema.split_column(column)
+        yield kind, name, value
 
 
 def _config(params: dict[str, str], ignored: set[str]) -> dict[str, str]:
@@ -132,7 +191,7 @@ def _config(params: dict[str, str], ignored: set[str]) -> dict[str, str]:
 
 def eval_protocol(params: dict[str, str]) -> dict[str, str]:
     """The params of an eval run that define what its numbers mean."""
-    keys = [*_EVAL_PROTOCOL, *sorted(k for k in params if k.startswith("ppl_protocol/"))]
+    keys = [*_EVAL_PROTOCOL, *sorted(k for k in params if schema.is_protocol_param(k))]
     return {k: _canon(params.get(k)) for k in keys}
 
 
@@ -146,7 +205,7 @@ def display_alias(alias: str | None, path: str | None) -> str:
 
 def _chain(ev: pd.Series, lookup: dict[str, pd.Series]) -> tuple[str, pd.Series | None, pd.Series | None] | str:
     """(stage label, prune run, finetune run) of an eval run, or a reason it cannot be joined."""
-    src_id = ev["source_run_id"]
+    src_id = ev[SOURCE]
     if not src_id:
         return schema.LABEL_DENSE, None, None
     src = lookup.get(src_id)
@@ -156,7 +215,7 @@ def _chain(ev: pd.Series, lookup: dict[str, pd.Series]) -> tuple[str, pd.Series 
         return schema.LABEL_PRUNED, src, None
     if src["stage"] != schema.STAGE_FINETUNE:
         return f"its source run {src_id} is a '{src['stage']}' run, not prune or finetune"
-    inner_id = src["source_run_id"]
+    inner_id = src[SOURCE]
     if not inner_id:
         return schema.LABEL_DENSE_LORA, None, src
     inner = lookup.get(inner_id)
@@ -171,7 +230,7 @@ def _lookup(frame: pd.DataFrame) -> dict[str, pd.Series]:
     """run id -> run row, fetching source runs that live in other experiments (two hops)."""
     rows = {r["run_id"]: r for _, r in frame.iterrows()}
     for _ in range(2):
-        missing = {r["source_run_id"] for r in rows.values() if r["source_run_id"]} - set(rows)
+        missing = {r[SOURCE] for r in rows.values() if r[SOURCE]} - set(rows)
         if not missing:
             break
         extra = _tidy(store.runs_by_id(missing))
@@ -191,29 +250,48 @@ def _joined_row(ev: pd.Series, stage: str, prune: pd.Series | None, ft: pd.Serie
     root = prune if prune is not None else (ft if ft is not None else ev)
     pp, pm, ep, em = _params(prune), _metrics(prune), _params(ev), _metrics(ev)
     pruned = prune is not None
-    row = {"model_alias": display_alias(root["model_alias"] or ev["model_alias"], root["model_path"]),
+    kind = ratio_kind(prune)
+    target, achieved = _target(kind, pp, pm)
+    row = {ALIAS: display_alias(root[ALIAS] or ev[ALIAS], root[PATH]),
            "family": root["family"] or ev["family"], "variant": root["variant"] or ev["variant"],
-           "method": (prune["method"] or pp.get("method", "?")) if pruned else schema.LABEL_DENSE,
-           "pruning_ratio": _num(pp.get(schema.P_PRUNING_RATIO)) if pruned else 0.0,
-           "achieved_ratio": pm.get(schema.M_ACHIEVED_RATIO) if pruned else 0.0,
+           "method": (prune["method"] or pp.get(schema.P_METHOD, "?")) if pruned else schema.LABEL_DENSE,
+           RATIO: target if pruned else 0.0, RATIO_KIND: kind,
+           ACHIEVED: achieved if pruned else 0.0,
            # prune runs from before reconstruction existed did none
            "reconstruct": pp.get(schema.P_RECONSTRUCT, "none") if pruned else "-",
            "stage": stage,
-           "params_after": pm.get(schema.M_PARAMS_AFTER, em.get(schema.M_MODEL_PARAMS)) if pruned
+           PARAMS_AFTER: pm.get(schema.M_PARAMS_AFTER, em.get(schema.M_MODEL_PARAMS)) if pruned
            else em.get(schema.M_MODEL_PARAMS),
            **em,
-           "ppl_seq_len": _num(ep.get(schema.P_PPL_SEQ_LEN)),
+           PPL_SEQ_LEN: _num(ep.get(schema.P_PPL_SEQ_LEN)),
            **{k: ep.get(k) for k in PROTOCOL_COLUMNS[1:]},
-           **{k: v for k, v in ep.items() if k.startswith("ppl_protocol/")},
+           **{k: v for k, v in ep.items() if schema.is_protocol_param(k)},
            "prune_run_id": prune["run_id"] if pruned else None,
            "finetune_run_id": ft["run_id"] if ft is not None else None,
            "eval_run_id": ev["run_id"], "eval_start_time": ev["start_time"], "experiment": ev["experiment"],
-           "search_run_id": (prune["search_run_id"] if pruned else None) or ev["search_run_id"],
-           "model_path": root["model_path"] or ev["model_path"] or root["model_alias"]}
+           SEARCH: (prune[SEARCH] if pruned else None) or ev[SEARCH],
+           PATH: root[PATH] or ev[PATH] or root[ALIAS]}
+    row[PRUNE_PARAMS] = {k: v for k, v in pp.items() if k not in PRUNE_IGNORED}
+    row.update({f"_diag:{m}": pm.get(m) for m in DIAGNOSIS_METRICS})
+    row[f"_diag:{schema.P_PPL_RUN}"] = ep.get(schema.P_PPL_RUN)
     row["_prune_cfg"] = _config(pp, _PRUNE_IGNORED)
     row["_ft_cfg"] = _config(_params(ft), _FT_IGNORED)
     row["_eval_key"] = json.dumps(eval_protocol(ep), sort_keys=True)
     return row
+
+
+def ratio_kind(prune: pd.Series | None) -> str:
+    """What the target ratio of a prune run measures (schema.RATIO_*); prune runs from before the
+    tag existed were structured. Dense rows: structured (0 removed)."""
+    kind = prune[RATIO_KIND] if prune is not None and RATIO_KIND in prune else None
+    return kind if kind in schema.RATIO_KINDS else schema.RATIO_STRUCTURED
+
+
+def _target(kind: str, pp: dict, pm: dict) -> tuple[float | None, float | None]:
+    """(target, achieved) of the run's ratio kind."""
+    if kind == schema.RATIO_SPARSITY:
+        return pm.get(schema.M_TARGET_SPARSITY, _num(pp.get(schema.P_SPARSITY))), pm.get(schema.M_ACHIEVED_SPARSITY)
+    return _num(pp.get(schema.P_PRUNING_RATIO)), pm.get(schema.M_ACHIEVED_RATIO)
 
 
 def _cfg_key(row) -> str:
@@ -223,14 +301,14 @@ def _cfg_key(row) -> str:
 def _dedup(table: pd.DataFrame) -> pd.DataFrame:
     """Keep the latest eval per (model, stage, prune+finetune config, eval protocol); count them."""
     table = table.assign(_cfg=table.apply(_cfg_key, axis=1))
-    key = ["model_path", "stage", "_cfg", "_eval_key"]
+    key = [PATH, "stage", "_cfg", "_eval_key"]
     table = table.sort_values(["eval_start_time", "eval_run_id"], ascending=False, ignore_index=True)
     counts = table.groupby(key, sort=False, dropna=False)["eval_run_id"].transform("size")
     table = table.assign(n_evals=counts)
     return table.drop_duplicates(key, keep="first", ignore_index=True)
 
 
-_CELL = ["model_path", "stage", "method", "pruning_ratio", "reconstruct"]
+_CELL = [PATH, "stage", "method", RATIO, RATIO_KIND, "reconstruct"]
 
 
 def _settings(table: pd.DataFrame) -> pd.Series:
@@ -270,38 +348,49 @@ def _pretty(canon: str) -> str:
     return str(int(f)) if f.is_integer() else canon
 
 
+pretty = _pretty
+
+
 def metric_names(table: pd.DataFrame) -> list[str]:
     """The numeric measurement columns of a results table with at least one value."""
-    fixed = set(ID_COLUMNS) | set(PROTOCOL_COLUMNS) | set(RUN_ID_COLUMNS)
-    names = [c for c in table.columns if c not in fixed and not c.startswith(("ppl_protocol/", "_"))
+    fixed = set(ID_COLUMNS) | set(PROTOCOL_COLUMNS) | set(RUN_ID_COLUMNS) | set(DETAIL_COLUMNS)
+    names = [c for c in table.columns if c not in fixed and not (schema.is_protocol_param(c) or c.startswith("_"))
              and table[c].notna().any()]
     return sorted(set(names) | {m for m in PRUNE_METRICS if m in table and table[m].notna().any()})
 
 
-def _order_columns(table: pd.DataFrame) -> pd.DataFrame:
-    fixed = set(ID_COLUMNS) | set(PROTOCOL_COLUMNS) | set(RUN_ID_COLUMNS)
-    metrics = [c for c in table.columns if c not in fixed and not c.startswith(("ppl_protocol/", "_"))]
-    rank = lambda c: (0 if c.startswith("ppl/") else 2 if c.startswith("zeroshot/") else  # noqa: E731
-                      3 if c.startswith(("model/", "speed/", "nll/", "ppl_tokens/", "eval_time")) else 1, c)
-    protos = sorted(c for c in table.columns if c.startswith("ppl_protocol/"))
-    return table[[*ID_COLUMNS, *sorted(metrics, key=rank), *PROTOCOL_COLUMNS, *protos, *RUN_ID_COLUMNS]]
+_SIDE_GROUPS = (schema.G_MODEL, schema.G_SPEED, schema.G_NLL, schema.G_PPL_TOKENS, schema.G_PPL_WINDOWS)
+
+
+def _order_columns(table: pd.DataFrame, details: bool = False) -> pd.DataFrame:
+    fixed = set(ID_COLUMNS) | set(PROTOCOL_COLUMNS) | set(RUN_ID_COLUMNS) | {PRUNE_PARAMS}
+    metrics = [c for c in table.columns if c not in fixed and not (schema.is_protocol_param(c) or c.startswith("_"))]
+    rank = lambda c: (0 if schema.is_ppl(c) else 2 if schema.in_group(c, schema.G_ZEROSHOT) else  # noqa: E731
+                      3 if schema.in_group(c, *_SIDE_GROUPS) or c == schema.M_EVAL_TIME else 1, c)
+    protos = sorted(c for c in table.columns if schema.is_protocol_param(c))
+    ordered = table[[*ID_COLUMNS, *sorted(metrics, key=rank), *PROTOCOL_COLUMNS, *protos, *RUN_ID_COLUMNS]]
+    if not details:
+        return ordered
+    extra = {c: table[f"_diag:{c}"] for c in DETAIL_COLUMNS[1:]}
+    return ordered.assign(**{PRUNE_PARAMS: table[PRUNE_PARAMS]}, **extra)
 
 
 def _sort_rows(table: pd.DataFrame) -> pd.DataFrame:
     stage_rank = table["stage"].map({s: i for i, s in enumerate(STAGE_ORDER)})
     variant_rank = (table["variant"] != "Base").astype(int)
     dense_first = (table["method"] != schema.LABEL_DENSE).astype(int)
-    keys = pd.DataFrame({"f": table["family"].fillna(""), "v": variant_rank, "a": table["model_alias"],
-                         "d": dense_first, "m": table["method"], "r": table["pruning_ratio"].fillna(-1),
+    keys = pd.DataFrame({"f": table["family"].fillna(""), "v": variant_rank, "a": table[ALIAS],
+                         "d": dense_first, "k": table[RATIO_KIND], "m": table["method"], "r": table[RATIO].fillna(-1),
                          "s": stage_rank, "t": table["setting"]})
     return table.loc[keys.sort_values(list(keys.columns), kind="stable").index].reset_index(drop=True)
 
 
-def results_table(experiments=None, include_failed: bool = False, *, notes: list[str] | None = None) -> pd.DataFrame:
+def results_table(experiments=None, include_failed: bool = False, *, notes: list[str] | None = None,
+                  details: bool = False) -> pd.DataFrame:
     """One row per evaluated model configuration (see the module docstring for the join).
 
     Columns: model_alias, family, variant, method (``dense`` for unpruned), pruning_ratio (the
-    prune param; 0 for dense), achieved_ratio, reconstruct, stage (dense / pruned / pruned+LoRA /
+    target of the run's ratio kind; 0 for dense), ratio_kind (schema.RATIO_*), achieved_ratio, reconstruct, stage (dense / pruned / pruned+LoRA /
     dense+LoRA), setting (params telling apart configurations that share all of those), params_after
     (the prune run's metric; dense: the eval's ``model/params``), every metric of the eval run under
     its own name (``ppl/<dataset>``, ``<task>/acc``, ``<task>/acc_norm``, ``zeroshot/mean_acc``,
@@ -309,6 +398,11 @@ def results_table(experiments=None, include_failed: bool = False, *, notes: list
     tasks_run, limit, ``ppl_protocol/<dataset>``), and prune_run_id, finetune_run_id, eval_run_id,
     n_evals (evals of this configuration; the latest is kept), eval_start_time, experiment,
     search_run_id (the sweep that made the prune run, if any), model_path. ``notes`` (a list) receives one line per eval run left out and why.
+
+    ``details`` adds DETAIL_COLUMNS: ``prune_params`` (the prune run's params as logged, a dict,
+    without the ones that change neither model nor measurement), the prune run's gradient
+    diagnosis (``grad_norm_ratio``, ``grad_mean_ratio``, ``num_extreme_pruning_layers``,
+    ``mean_ratio``) and ``ppl_datasets_run`` (the eval's perplexity datasets in order).
     """
     notes = [] if notes is None else notes
     frame = runs_frame(experiments, include_failed=True)
@@ -330,7 +424,8 @@ def results_table(experiments=None, include_failed: bool = False, *, notes: list
             continue
         rows.append(_joined_row(ev, stage, prune, ft))
     if not rows:
-        return pd.DataFrame(columns=[*ID_COLUMNS, *PROTOCOL_COLUMNS, *RUN_ID_COLUMNS])
+        return pd.DataFrame(columns=[*ID_COLUMNS, *PROTOCOL_COLUMNS, *RUN_ID_COLUMNS,
+                                     *(DETAIL_COLUMNS if details else [])])
     table = _dedup(pd.DataFrame(rows))
     table["setting"] = _settings(table)
-    return _sort_rows(_order_columns(table))
+    return _sort_rows(_order_columns(table, details))

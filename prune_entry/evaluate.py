@@ -26,7 +26,7 @@ from gqaprune.evaluation.perplexity import PplProtocol, perplexity
 from gqaprune.loading import DEMO_ALIAS, load_model_and_tokenizer, resolve_model
 from gqaprune.sparsity import measure, overall_sparsity
 from gqaprune.utils import seed_everything
-from prune_entry import report
+from prune_entry import inputs, report
 from tracking import cli, runs, schema, store
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -99,6 +99,8 @@ def run_perplexity(cfg: EvalConfig, model, tokenizer, sources) -> dict:
         report.log_data_sources(copies)
         out[key] = {**res.to_dict(), "source": src, "stream_tokens": int(stream.numel()),
                     "copies": [c.to_dict() for c in copies]}
+        runs.log_dataset(inputs.text_input(src, stream, schema.CTX_EVALUATION, key=key, split=p.ppl_split,
+                                           protocol=proto.describe()))
         print(f"  ppl {key}: {res.ppl:.4f}  ({proto.describe()}; {res.tokens} tokens scored)")
     return out
 
@@ -109,6 +111,8 @@ def log_perplexity(ppl: dict) -> None:
         metrics[schema.ppl_metric(key)] = r["ppl"]
         metrics[schema.metric_name(schema.M_NLL.format(dataset=key))] = r["nll"]
         metrics[schema.metric_name(schema.M_PPL_TOKENS.format(dataset=key))] = r["tokens"]
+        if r.get("windows") is not None:      # PplResult.to_dict() has it; older result files may not
+            metrics[schema.dataset_metric(schema.M_PPL_WINDOWS, key)] = r["windows"]
         params[schema.P_PPL_PROTOCOL.format(dataset=key)] = r["protocol_text"]
     runs.log_metrics(metrics)
     runs.log_params(params)
@@ -134,6 +138,15 @@ def log_zeroshot(result: zeroshot.ZeroShotResult, title: str) -> None:
     report.log_data_sources([s.copy for s in result.sources if s.copy is not None])
     if any(s.score is not None for s in result.scores):
         runs.log_figure(zeroshot.accuracy_figure(result, title), schema.A_ZS_FIG)
+
+
+def log_task_inputs(result: zeroshot.ZeroShotResult, task_infos: list[dict], cfg: EvalConfig) -> None:
+    """Each evaluated task as a dataset input (offline tasks: their generated item file)."""
+    files = {i["name"]: str(Path(i["yaml"]).with_suffix(".jsonl")) for i in task_infos}
+    z = cfg.zeroshot
+    for s in result.scores:
+        runs.log_dataset(inputs.task_input(s.task, files.get(s.task), measure=s.measure, num_fewshot=z.num_fewshot,
+                                           limit=z.limit, samples=s.n_samples))
 
 
 def log_speed(facts: speed_mod.ModelFacts, sp: speed_mod.SpeedResult | None) -> None:
@@ -211,6 +224,7 @@ def run(cfg: EvalConfig) -> dict:
                                      convention=z.acc_convention, preferred=preferred, chance=chance,
                                      seed=cfg.seed, device=str(device), data_dir=cfg.data.resolve())
         log_zeroshot(zs, f"{_short(cfg.model_uri)} · {z.num_fewshot or 0}-shot · {z.acc_convention}")
+        log_task_inputs(zs, task_infos, cfg)
     elapsed = time.perf_counter() - t0
     runs.log_metrics({schema.M_EVAL_TIME: elapsed})
     results = {"config": flat(cfg),

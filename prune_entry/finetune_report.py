@@ -17,6 +17,7 @@ from gqaprune import checkpoint
 from gqaprune import finetune as ft
 from gqaprune.arch import count_parameters
 from gqaprune.finetune import FinetuneConfig
+from prune_entry import inputs
 from prune_entry.report import log_data_sources
 from tracking import runs, schema
 
@@ -47,6 +48,18 @@ def log_data(fdata: ft.FinetuneData, dataset: str, copies: list, data: ft.DataCo
                       schema.M_FT_TARGET_TOKENS: stats.train_target_tokens})
     runs.log_json(fdata.template.to_dict(), schema.A_FT_TEMPLATE)
     runs.log_text(fdata.example, schema.A_FT_EXAMPLE)
+    log_data_inputs(fdata, dataset)
+
+
+def log_data_inputs(fdata: ft.FinetuneData, dataset: str) -> None:
+    """The training and validation examples as dataset inputs (MLflow's Datasets column): digests
+    of exactly the token ids and label masks used."""
+    name = Path(dataset).name if Path(dataset).expanduser().is_file() else dataset
+    for context, examples, split in ((schema.CTX_TRAINING, fdata.train, "train"),
+                                     (schema.CTX_EVALUATION, fdata.val, "validation")):
+        if examples:
+            runs.log_dataset(inputs.examples_input(name, dataset, examples, context, split=split,
+                                                   form=fdata.form, template=fdata.template.name))
 
 
 def log_zero_pattern(zeros: ft.ZeroPattern) -> None:
@@ -115,7 +128,7 @@ def save_merged(model, tokenizer, cfg: FinetuneConfig) -> None:
         out = Path(cfg.output.output_dir) if cfg.output.output_dir else Path(tmp) / schema.A_FINETUNED_MODEL
         info = checkpoint.save_model(model, tokenizer, out)
         runs.set_tags({schema.TAG_CHECKPOINT_FORMAT: info["format"]})
-        runs.log_dir(out, schema.A_FINETUNED_MODEL)
+        runs.log_model_dir(out, schema.A_FINETUNED_MODEL, checkpoint_format=info["format"])
     print(f"LoRA adapter: {runs.artifact_uri(schema.A_ADAPTER)}; merged model: "
           f"{runs.artifact_uri(schema.A_FINETUNED_MODEL)} ({info['format']} checkpoint)")
 

@@ -71,6 +71,7 @@ def run(cfg: PruneConfig) -> dict:
         metrics = report.log_joint(cfg, spec.alias, outcome, peak_memory_mb(device))
     else:
         metrics = report.log_structured(cfg, spec.alias, outcome, peak_memory_mb(device))
+    report.log_datasets(tokenizer, cfg, outcome)
     if cfg.output.save_model:
         report.save_model(model, tokenizer, cfg)
     return metrics

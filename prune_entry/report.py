@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from gqaprune import checkpoint
+from gqaprune import checkpoint, data
 from gqaprune.pipeline import PruneConfig, PruneOutcome
 from gqaprune.plots import layer_summary_figure
 from gqaprune.structured.diagnosis import diagnosis_figure, rates_figure
 from gqaprune.structured.reconstruct import error_figure
+from prune_entry import inputs
 from tracking import runs, schema
 
 
@@ -213,11 +214,49 @@ def log_data_sources(copies: list) -> None:
         print(f"data: {c.describe()}")
 
 
-def save_model(model, tokenizer, config: PruneConfig) -> None:
-    """The pruned checkpoint as the run's ``pruned_model`` artifact (and in output_dir)."""
+def save_model(model, tokenizer, config: PruneConfig) -> str:
+    """The pruned checkpoint as the run's MLflow Model ``pruned_model`` (and in output_dir); return
+    its model id. ``runs:/<run>/pruned_model`` downloads the checkpoint directory."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(config.output.output_dir) if config.output.output_dir else Path(tmp) / schema.A_PRUNED_MODEL
         info = checkpoint.save_model(model, tokenizer, out)
         runs.set_tags({schema.TAG_CHECKPOINT_FORMAT: info["format"]})
-        runs.log_dir(out, schema.A_PRUNED_MODEL)
-    print(f"pruned model: {runs.artifact_uri(schema.A_PRUNED_MODEL)} ({info['format']} checkpoint)")
+        model_id = runs.log_model_dir(out, schema.A_PRUNED_MODEL, checkpoint_format=info["format"])
+    print(f"pruned model: {runs.artifact_uri(schema.A_PRUNED_MODEL)} = models:/{model_id} "
+          f"({info['format']} checkpoint)")
+    return model_id
+
+
+# ---- dataset inputs: which data the run read, as MLflow's Datasets column shows it --------------
+
+def log_datasets(tokenizer, cfg: PruneConfig, outcome: PruneOutcome) -> None:
+    """The calibration windows of the scores / sparsity statistics, of the layer importance and of
+    the refit, each redrawn (seeded, so identical) to digest exactly the token ids the run used."""
+    dd = cfg.data.resolve()
+    for context, source, n, seq_len, seed in _data_uses(cfg, outcome):
+        if not data.is_available(source):
+            continue
+        ids = data.calibration_batches(tokenizer, source, n, seq_len, seed, data_dir=dd)
+        runs.log_dataset(inputs.text_input(source, ids, context, split="train", windows=n, seq_len=seq_len,
+                                           seed=seed))
+
+
+def _data_uses(cfg: PruneConfig, outcome: PruneOutcome) -> list[tuple]:
+    """(context, source, windows, seq_len, seed) of every calibration draw of the run."""
+    if outcome.plan is None:        # sparsity methods: one draw, when the method calibrates
+        c = cfg.calibration
+        if outcome.calibration_source == "none":
+            return []
+        return [(schema.CTX_CALIBRATION, outcome.calibration_source, c.taylor_num_samples, c.taylor_seq_len, c.seed)]
+    prov, uses = outcome.plan.provenance, []
+    if prov.calibration is not None and not prov.replayed_from:
+        c = prov.calibration
+        uses.append((schema.CTX_CALIBRATION, c.dataset, c.num_samples, c.seq_len, c.seed))
+    imp = outcome.layer_importance
+    calib = (imp.details.get("calibration") if imp is not None and not imp.details.get("reused_from") else None)
+    if calib:
+        uses.append((schema.CTX_IMPORTANCE, calib["dataset"], calib["num_samples"], calib["seq_len"], calib["seed"]))
+    if prov.reconstruction is not None:
+        r = prov.reconstruction
+        uses.append((schema.CTX_RECONSTRUCTION, r.dataset, r.num_samples, r.seq_len, r.seed))
+    return uses

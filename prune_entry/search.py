@@ -41,6 +41,9 @@ from gqaprune.pipeline import (STRUCTURED, PruneConfig, all_methods, applicable,
                                unread)
 from gqaprune.structured import methods
 from gqaprune.structured.config import METHOD_SECTIONS, StructuredConfig
+from analysis import selection
+from analysis.protocol import protocol_of
+from analysis.query import PRUNE_IGNORED
 from prune_entry import evaluate, prune
 from prune_entry.executors import EXECUTORS, ExecutorSettings, PointResult, Progress, make_executor
 from tracking import cli
@@ -57,12 +60,14 @@ EVAL_RESERVED = {schema.P_MODEL_URI: "the sweep evaluates each point's pruned mo
                  "parent_run_id": "eval runs are nested under the search run already",
                  "output_dir": "every eval run logs eval_results.json as an artifact"}
 CONFIG_KEYS = ("models", "methods", "ratios", "grid", "prune_args", "eval", "eval_dense", "eval_args",
-               "resume", "stop_on_error")
+               "resume", "stop_on_error", schema.P_SELECT_BY)
 DEFAULTS = {"models": ["demo"], "methods": ["taylor"], "ratios": [0.2], "grid": {}, "prune_args": {},
-            "eval": False, "eval_dense": None, "eval_args": {}, "resume": True, "stop_on_error": False}
+            "eval": False, "eval_dense": None, "eval_args": {}, "resume": True, "stop_on_error": False,
+            schema.P_SELECT_BY: selection.AUTO}
 DENSE = schema.LABEL_DENSE  # method label of the dense (unpruned) baseline rows
 # Summary columns read from the children (schema names; ppl/<dataset> columns are added per dataset).
 PRUNE_COLUMNS = (schema.M_ACHIEVED_RATIO, schema.M_PARAMS_AFTER)
+DIAGNOSIS_COLUMNS = (schema.M_GRAD_NORM_RATIO, schema.M_GRAD_MEAN_RATIO, schema.M_NUM_EXTREME_LAYERS)
 RATIO = schema.P_PRUNING_RATIO     # the target ratio column: the prune parameter's name
 _HERE = f"{socket.gethostname()}:{os.getpid()}"   # the worker name of points run in this process
 STATUS_COLUMNS = ("status", "resumed", "prune_run_id", "eval_run_id", schema.TAG_SEARCH_POINT, "error")
@@ -82,6 +87,7 @@ class SearchConfig:
     stop_on_error: bool
     dry_run: bool
     config: str | None
+    rule: selection.Rule = selection.Rule()   # which point is best (analysis.selection)
     executor: ExecutorSettings = ExecutorSettings()   # where the points run (not part of any key)
     claim_points: bool = False                        # claim each point in the store before running it
 
@@ -159,6 +165,8 @@ class SearchArgs(Section):
     eval_args: str | None = knob(None, 'eval flags: "--ppl_datasets wikitext2,ptb --tasks standard"')
     resume: bool | None = knob(None, "reuse points that already FINISHED in this experiment (default true)")
     stop_on_error: bool | None = knob(None, "stop (and fail the search) at the first failing point (default false)")
+    select_by: str | None = knob(None, "the best point: auto (highest zeroshot/mean_acc, ties / no accuracy: lowest "
+                                 "perplexity on the first dataset) or <metric>:max|min (default auto)")
     dry_run: bool = knob(False, "list the points, run nothing (no run is created)")
     verbose: bool = knob(False, "show the known-harmless library warnings (hidden and summarised by default)")
     # Where the points run (not what they are: these never enter a point's key or the YAML).
@@ -342,8 +350,8 @@ def resolve_config(argv: list[str] | None) -> SearchConfig:
                                                     or _bool(raw["eval_dense"], "eval_dense")),
         eval_args=eval_args, resume=_bool(raw["resume"], "resume"),
         stop_on_error=_bool(raw["stop_on_error"], "stop_on_error"), dry_run=cli["dry_run"],
-        config=cli["config"], executor=_executor_settings(args),
-        claim_points=_claim_points(args.claim_points, args.executor))
+        config=cli["config"], rule=selection.Rule.parse(str(raw[schema.P_SELECT_BY])),
+        executor=_executor_settings(args), claim_points=_claim_points(args.claim_points, args.executor))
     for m in cfg.methods:
         if m not in all_methods():
             raise UserError(f"unknown method '{m}'", f"use one of {', '.join(all_methods())}")
@@ -641,7 +649,11 @@ def _metrics(run_id: str | None) -> tuple[dict, dict]:
 
 
 def summary_rows(outcomes: list[Outcome]) -> pd.DataFrame:
-    """One row per point (and dense eval), values read back from the children's runs in the store."""
+    """One row per point (and dense eval), values read back from the children's runs in the store:
+    model, method, ratio, grid values, achieved ratio, parameters, the gradient diagnosis of the
+    prune run (Taylor scores), each ``ppl/<dataset>``, ``zeroshot/mean_acc``, each task's score
+    (``<task>/<measure>``, the measure the eval used), the eval's perplexity datasets in order,
+    status and run ids."""
     rows = []
     grid_names = list(dict.fromkeys(g for o in outcomes for g in o.point.grid))
     for o in outcomes:
@@ -651,20 +663,33 @@ def summary_rows(outcomes: list[Outcome]) -> pd.DataFrame:
         em, ep = _metrics(o.eval_run_id)
         if p.dense and o.ok:  # the baseline: nothing removed, its size measured by the eval
             pm = {schema.M_ACHIEVED_RATIO: 0.0, schema.M_PARAMS_AFTER: em.get(schema.M_MODEL_PARAMS)}
-        for name in PRUNE_COLUMNS:
+        for name in PRUNE_COLUMNS + DIAGNOSIS_COLUMNS:
             row[name] = pm.get(name)
         for key in [k for k in ep.get(schema.P_PPL_RUN, "").split(",") if k]:
             row[schema.ppl_metric(key)] = em.get(schema.ppl_metric(key))
         row[schema.M_ZS_MEAN] = em.get(schema.M_ZS_MEAN)
+        for metric in schema.zeroshot_task_metrics(ep.get(schema.P_TASK_MEASURES)).values():
+            row[metric] = em.get(metric)
+        row[schema.P_PPL_RUN] = ep.get(schema.P_PPL_RUN)
         row.update(status=o.status, resumed="+".join(o.resumed), prune_run_id=o.prune_run_id,
                    eval_run_id=o.eval_run_id, search_point=p.key, error=o.error)
         rows.append(row)
     frame = pd.DataFrame(rows)
-    ppl_cols = sorted(c for c in frame.columns if c.startswith("ppl/"))
-    front = [c for c in frame.columns if c not in ppl_cols and c != schema.M_ZS_MEAN
-             and c not in STATUS_COLUMNS]
+    ppl_cols = sorted(c for c in frame.columns if schema.is_ppl(c))
+    task_cols = [c for c in frame.columns if c not in ppl_cols and schema.parse(c).group
+                 and c != schema.M_ZS_MEAN and frame[c].notna().any()]
+    diag = [c for c in DIAGNOSIS_COLUMNS if frame[c].notna().any()]
+    front = ["model", "method", RATIO, *grid_names, *PRUNE_COLUMNS, *diag]
     tail = [schema.M_ZS_MEAN] if frame[schema.M_ZS_MEAN].notna().any() else []
-    return frame[front + ppl_cols + tail + list(STATUS_COLUMNS)]
+    ppl_run = [schema.P_PPL_RUN] if frame[schema.P_PPL_RUN].notna().any() else []
+    return frame[front + ppl_cols + tail + task_cols + ppl_run + list(STATUS_COLUMNS)]
+
+
+def grid_columns(frame: pd.DataFrame) -> list[str]:
+    """The grid parameters of a summary frame (the columns between the ratio and the measurements)."""
+    cols = list(frame.columns)
+    end = cols.index(PRUNE_COLUMNS[0]) if PRUNE_COLUMNS[0] in cols else len(cols)
+    return cols[cols.index(RATIO) + 1:end]
 
 
 def _fmt(column: str, value) -> str:
@@ -674,16 +699,20 @@ def _fmt(column: str, value) -> str:
         return str(value)[:8]
     if column == schema.M_PARAMS_AFTER:
         return f"{int(value):,}"
-    if column.startswith("ppl/"):
+    if schema.is_ppl(column):
         return f"{value:.2f}"
-    if column in (schema.M_ACHIEVED_RATIO, schema.M_ZS_MEAN):
+    if column in (schema.M_ACHIEVED_RATIO, schema.M_ZS_MEAN) or schema.parse(column).group:
         return f"{value:.4f}"
+    if column in (schema.M_GRAD_NORM_RATIO, schema.M_GRAD_MEAN_RATIO):
+        return f"{value:.3g}"
+    if column == schema.M_NUM_EXTREME_LAYERS:
+        return f"{int(value)}"
     if column == "model":
         return _short_model(str(value))
     return str(value)
 
 
-def markdown_table(frame: pd.DataFrame, drop=(schema.TAG_SEARCH_POINT,)) -> str:
+def markdown_table(frame: pd.DataFrame, drop=(schema.TAG_SEARCH_POINT, schema.P_PPL_RUN)) -> str:
     cols = [c for c in frame.columns if c not in drop and not (c == "error" and not frame[c].astype(bool).any())]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, row in frame.iterrows():
@@ -718,7 +747,7 @@ def ppl_figure(frame: pd.DataFrame):
     """Perplexity vs achieved ratio: one panel per (ppl dataset, model), one line per method (and
     grid setting), the dense model as the ratio-0 point with a dotted reference line. None when no
     point has a perplexity."""
-    ppl_cols = [c for c in frame.columns if c.startswith("ppl/") and frame[c].notna().any()]
+    ppl_cols = [c for c in frame.columns if schema.is_ppl(c) and frame[c].notna().any()]
     if not ppl_cols:
         return None
     from matplotlib.ticker import PercentFormatter
@@ -727,8 +756,7 @@ def ppl_figure(frame: pd.DataFrame):
     models = list(dict.fromkeys(frame["model"]))
     fig, axes = plt.subplots(len(ppl_cols), len(models), figsize=(4.2 * len(models) + 1, 3.4 * len(ppl_cols)),
                              squeeze=False)
-    grid_cols = [c for c in frame.columns[3:] if c not in PRUNE_COLUMNS and not c.startswith("ppl/")
-                 and c != schema.M_ZS_MEAN and c not in STATUS_COLUMNS]
+    grid_cols = grid_columns(frame)
     for r, col in enumerate(ppl_cols):
         for c, model in enumerate(models):
             ax = axes[r][c]
@@ -759,9 +787,104 @@ def ppl_figure(frame: pd.DataFrame):
     return fig
 
 
-def log_summary(frame: pd.DataFrame, outcomes: list[Outcome], elapsed: float) -> str:
+# ------------------------------------------------------------------------------ the best point
+
+START = "_eval_start"   # selection tie-break column: the eval run's start time
+KIND = schema.TAG_RATIO_KIND   # selection group column: structured and sparsity ratios never compete
+
+
+def ratio_kind(method: str) -> str:
+    return schema.RATIO_STRUCTURED if method_kind(method) == STRUCTURED else schema.RATIO_SPARSITY
+
+
+def candidates(frame: pd.DataFrame, outcomes: list[Outcome]) -> pd.DataFrame:
+    """The evaluated grid points (not the dense baselines) as selection candidates."""
+    keep = [i for i, o in enumerate(outcomes) if o.ok and not o.point.dense and o.eval_run_id]
+    rows = frame.iloc[keep].copy()
+    rows[START] = [store.get_run(outcomes[i].eval_run_id).info.start_time for i in keep]
+    rows["_outcome"] = keep
+    rows[KIND] = [ratio_kind(outcomes[i].point.method) for i in keep]
+    return rows
+
+
+def best_config(best: selection.Best, outcome: Outcome, sweep: Sweep) -> selection.BestConfig:
+    """The best point as best_config.json writes it: swept (grid) values, every fixed prune
+    setting of its resolved config, the metrics it won with, how they were measured."""
+    p = outcome.point
+    spec = resolve_model(p.model, p.prune.model.models_file)
+    swept = {k: selection.typed_value(v) for k, v in p.grid.items()}
+    fixed = {k: v for k, v in flat(p.prune).items()
+             if k not in swept and k not in AXES and k not in PRUNE_IGNORED}
+    row = best.row
+    won = best.metrics()
+    measured = [c for c in row.index if (schema.is_ppl(c) or schema.parse(c).group or c in PRUNE_COLUMNS
+                                         or c in DIAGNOSIS_COLUMNS or c == schema.M_ZS_MEAN)
+                and isinstance(row[c], (int, float)) and not pd.isna(row[c])]
+    metrics = {**won, **{c: float(row[c]) for c in measured if c not in won}}
+    em, params = _metrics(outcome.eval_run_id)
+    protocol = {k.metric: protocol_of(k.metric, {**params, **em}, counts=True) for k in best.keys}
+    return selection.BestConfig(model=p.model, model_path=spec.path, family=spec.family, variant=spec.variant,
+                                method=p.method, pruning_ratio=p.ratio, stage=schema.LABEL_PRUNED, swept=swept,
+                                fixed=fixed, metrics=metrics, won_by=best.won_by, candidates=best.candidates,
+                                excluded=best.excluded, tied=best.tied, prune_run_id=outcome.prune_run_id,
+                                eval_run_id=outcome.eval_run_id, protocol=protocol,
+                                ratio_kind=ratio_kind(p.method))
+
+
+def choose_best(frame: pd.DataFrame, outcomes: list[Outcome], sweep: Sweep) -> tuple[dict, list]:
+    """The best point of every (model, ratio) under the selection rule -> (best_config.json, bests)."""
+    rule = sweep.config.rule
+    rows = candidates(frame, outcomes)
+    notes = []
+    if not sweep.config.eval:
+        notes.append("eval is off: nothing was measured, so no point is best (turn eval on)")
+    sel = selection.select(rows, rule, ["model", RATIO, KIND], order=[START, "eval_run_id"],
+                           label=lambda g: f"{_short_model(g['model'])} {_ratio_word(g[KIND])} {g[RATIO]:g}")
+    groups = {(p.model, p.ratio, ratio_kind(p.method)) for p in sweep.points}
+    key = lambda g: (g["model"], g[RATIO], g[KIND])  # noqa: E731
+    done = {key(b.group) for b in sel.best} | {key(g) for g, _ in sel.missing}
+    missing = list(sel.missing) + [({"model": m, RATIO: r, KIND: k}, "no point of this group finished its eval")
+                                   for m, r, k in sorted(groups - done)]
+    bests = [(b, best_config(b, outcomes[int(b.row["_outcome"])], sweep)) for b in sel.best]
+    doc = selection.document(rule, [c for _, c in bests], missing, notes + sel.notes)
+    return doc, bests
+
+
+def _ratio_word(kind: str) -> str:
+    return "sparsity" if kind == schema.RATIO_SPARSITY else "ratio"
+
+
+def log_best(doc: dict, bests: list, sweep: Sweep) -> str:
+    """best_config.json, the best_run_id tags and the Markdown lines of the summary."""
+    runs.log_json(doc, schema.A_BEST_CONFIG)
+    runs.log_params({schema.P_SELECTION_RULE: sweep.config.rule.describe()})
+    tags = {}
+    for _, cfg in bests:
+        sparse = "_sparsity" if cfg.ratio_kind == schema.RATIO_SPARSITY else ""
+        group = f"{_short_model(cfg.model)}_{cfg.pruning_ratio:g}{sparse}"
+        tags[schema.best_run_tag(group)] = cfg.prune_run_id
+        tags[schema.best_run_tag(group, eval_run=True)] = cfg.eval_run_id
+    if len({(p.model, p.ratio, ratio_kind(p.method)) for p in sweep.points}) == 1 and bests:
+        tags[schema.TAG_BEST_RUN], tags[schema.TAG_BEST_EVAL_RUN] = bests[0][1].prune_run_id, bests[0][1].eval_run_id
+    runs.set_tags(tags)
+    lines = [f"Selection rule: {sweep.config.rule.describe()}.", ""]
+    for _, cfg in bests:
+        won = ", ".join(f"`{k}` {v:.4g}" for k, v in cfg.metrics.items() if k in cfg.won_by)
+        swept = ", ".join(f"{k}={v}" for k, v in cfg.swept.items())
+        lines.append(f"- **{_short_model(cfg.model)}, {_ratio_word(cfg.ratio_kind)} {cfg.pruning_ratio:g}**: {cfg.method}"
+                     f"{' ' + swept if swept else ''} — won by {won} (of {cfg.candidates} points"
+                     f"{f', {cfg.excluded} excluded' if cfg.excluded else ''}); prune run `{cfg.prune_run_id}`, "
+                     f"eval run `{cfg.eval_run_id}`")
+    for item in doc["no_best"]:
+        lines.append(f"- no best for {', '.join(f'{k}={v}' for k, v in item['group'].items())}: {item['reason']}")
+    lines += [f"- note: {n}" for n in doc["notes"]]
+    return "\n".join(lines)
+
+
+def log_summary(frame: pd.DataFrame, outcomes: list[Outcome], elapsed: float, best_md: str = "") -> str:
     table = markdown_table(frame)
-    md = (f"# Search summary\n\n{table}\n\n## How the numbers were measured\n\n{protocol_text(outcomes)}\n\n"
+    best = f"## Best configuration\n\n{best_md}\n\n" if best_md else ""
+    md = (f"# Search summary\n\n{table}\n\n{best}## How the numbers were measured\n\n{protocol_text(outcomes)}\n\n"
           f"Statuses: finished = run now; reused = taken from earlier FINISHED runs with the same "
           f"`{schema.TAG_SEARCH_POINT}` (column `resumed` says which stages); failed = see `error`; "
           f"method `{DENSE}` = the unpruned model (pruning_ratio 0); "
@@ -795,7 +918,8 @@ def _params(cfg: SearchConfig) -> dict:
               "stop_on_error": cfg.stop_on_error, "dry_run": cfg.dry_run,
               "executor": cfg.executor.executor, "ray_address": cfg.executor.ray_address,
               "cpus_per_point": cfg.executor.cpus_per_point, "gpus_per_point": cfg.executor.gpus_per_point,
-              "max_retries": cfg.executor.max_retries, "claim_points": cfg.claim_points}
+              "max_retries": cfg.executor.max_retries, "claim_points": cfg.claim_points,
+              schema.P_SELECT_BY: cfg.rule.select_by}
     return {schema.P_SWEEP.format(name=k): v for k, v in values.items()}
 
 
@@ -870,11 +994,13 @@ def run(sweep: Sweep) -> list[Outcome]:
     make_executor(cfg.executor, claim).run(order, work, on_done=on_done, on_progress=on_progress)
     outcomes = [outcomes[p.key] for p in order]
     frame = summary_rows(outcomes)
-    table = log_summary(frame, outcomes, time.perf_counter() - t0)
+    doc, bests = choose_best(frame, outcomes, sweep)
+    best_md = log_best(doc, bests, sweep)
+    table = log_summary(frame, outcomes, time.perf_counter() - t0, best_md)
     grid = [o for o in outcomes if not o.point.dense]
     dense = f", {sum(o.ok for o in outcomes if o.point.dense)}/{len(sweep.dense)} dense evals ok" if sweep.dense else ""
     print(f"\nsearch summary ({sum(o.ok for o in grid)}/{len(points)} points ok{dense}, "
-          f"{time.perf_counter() - t0:.0f}s):\n{table}")
+          f"{time.perf_counter() - t0:.0f}s):\n{table}\n\nbest configuration:\n{best_md}")
     failed = [o for o in outcomes if o.status == "failed"]
     if stopped:
         raise UserError(f"stopped at point '{stopped[0].point.label()}' (stop_on_error): {stopped[0].error}",

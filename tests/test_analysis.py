@@ -341,3 +341,17 @@ def test_end_to_end_prune_finetune_eval_entry_points(tracking_store, saved_tiny_
 
 def pd_none(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def test_results_table_details_carry_prune_params_and_diagnosis(tracking_store):
+    """details=True: the prune run's params (dict), its gradient diagnosis and the eval's ppl order."""
+    pid = prune_run("Llama", "taylor", 0.2, taylor_seq_len=64)
+    MlflowClient().log_metric(pid, schema.M_GRAD_NORM_RATIO, 3.5)
+    eval_run("Llama", pid, ppl=12.0, mean=0.5, piqa=0.6)
+    table = query.results_table(os.environ["MLFLOW_EXPERIMENT_NAME"], details=True)
+    row = table.iloc[0]
+    assert row[query.PRUNE_PARAMS]["taylor_seq_len"] == "64" and "model" not in row[query.PRUNE_PARAMS]
+    assert row[schema.M_GRAD_NORM_RATIO] == 3.5 and pd_none(row[schema.M_GRAD_MEAN_RATIO])
+    assert row[schema.P_PPL_RUN] == "wiki"
+    assert schema.M_GRAD_NORM_RATIO not in query.metric_names(table)        # not a pivot metric
+    assert query.PRUNE_PARAMS not in query.results_table(os.environ["MLFLOW_EXPERIMENT_NAME"])

@@ -81,10 +81,15 @@ def test_pruned_model_end_to_end_logs_curves_adapter_and_loadable_merged_model(
     assert m["val_loss_after"] < m["val_loss_before"]
     lrs = [v for _, v in history(client, run.info.run_id, "lr")]
     assert lrs[0] == pytest.approx(5e-3) and lrs[-1] == pytest.approx(5e-3 / 17)  # 1 warmup step, then linear decay over 17
-    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    top = set(store.artifact_paths(run.info.run_id))   # the merged model is an MLflow Model
     assert {"lora_adapter", "finetuned_model", "finetune_curves.png", "finetune_history.csv",
             "prompt_template.json", "finetune_example.txt"} <= top
-    local = client.download_artifacts(run.info.run_id, "finetuned_model", str(tmp_path / "dl"))
+    assert store.logged_model_of_run(run.info.run_id, schema.A_FINETUNED_MODEL) is not None
+    # the examples trained and validated on are the run's dataset inputs (34 train, 2 validation)
+    used = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs if d.tags}
+    assert json.loads(used[schema.CTX_TRAINING].profile)["examples"] == 34
+    assert json.loads(used[schema.CTX_EVALUATION].profile)["examples"] == 2
+    local = store.download_artifact(run.info.run_id, schema.A_FINETUNED_MODEL, tmp_path / "dl")
     ids = torch.randint(4, 97, (1, 7))
     ours = checkpoint.load_model(local).eval()
     theirs = AutoModelForCausalLM.from_pretrained(local, trust_remote_code=True).eval()
@@ -218,7 +223,7 @@ def test_sparse_model_keeps_its_zero_pattern_through_finetune_and_merge(
     m, tags = run.data.metrics, run.data.tags
     assert run.info.status == "FINISHED" and run.data.params["keep_mask"] == keep_mask
     assert m[schema.M_FT_BASE_SPARSITY] == pytest.approx(0.5, abs=0.01)
-    local = client.download_artifacts(run.info.run_id, schema.A_FINETUNED_MODEL, str(tmp_path / "dl"))
+    local = store.download_artifact(run.info.run_id, schema.A_FINETUNED_MODEL, tmp_path / "dl")
     after = weight_masks(checkpoint.load_model(local))
     if keep_mask == "auto":   # detected as sparse: the mask is re-applied after the merge
         assert tags[schema.TAG_FT_MASK_KEPT] == "true"

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from analysis import compare as analysis_compare
-from analysis import cross_model
+from analysis import consolidate, cross_model
 from gqaprune.config import leaves
 from gqaprune.evaluation.config import EvalConfig
 from gqaprune.pipeline import PruneConfig
@@ -24,6 +24,7 @@ PARSERS = {
     "finetune": finetune.build_parser,
     "search": search.build_parser,
     "cross_model": cross_model.build_parser,
+    "consolidate": consolidate.build_parser,
     "compare": analysis_compare.build_parser,
 }
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from gqaprune import checkpoint
 from gqaprune.sparsity import measure, nm_check, overall_sparsity
 from prune_entry import evaluate, prune, search
-from tracking import schema
+from tracking import schema, store
 
 
 def last_run(stage=schema.STAGE_PRUNE):
@@ -39,7 +39,7 @@ def test_wanda_end_to_end_logs_sparsity_and_saves_a_normal_checkpoint(env):
     assert schema.layer_metric(schema.M_LAYER_SPARSITY, 2) in m and m[schema.M_CALIB_FORWARDS] > 0
     assert m[schema.M_PARAMS_AFTER] == m[schema.M_PARAMS_BEFORE]           # zeros inside, shapes unchanged
     assert p["damping"] == "0.01" and p[schema.P_CALIBRATION_RESOLVED] == str(text_file)
-    names = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    names = set(store.artifact_paths(run.info.run_id))    # the pruned model is an MLflow Model
     assert {schema.A_SPARSITY_LAYERS, schema.A_SPARSITY_PROJECTIONS, schema.A_SPARSITY_FIG,
             schema.A_SPARSITY_PROVENANCE, schema.A_PRUNED_MODEL} <= names and schema.A_PLAN not in names
     local = mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/{schema.A_PRUNED_MODEL}")

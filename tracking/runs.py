@@ -624,3 +624,105 @@ def artifact_uri(artifact_path: str) -> str:
 
 def dump_json(obj: Any) -> str:
     return json.dumps(obj, indent=2, sort_keys=True)
+
+
+# ---- MLflow's own conventions: models and dataset inputs (issue 10) ------------------------------
+# Kept apart from the helpers above: a logged model appears under the run's Models column and can
+# be registered; a dataset input appears under Datasets with its name, source and digest.
+from dataclasses import dataclass  # noqa: E402 - this section's own import (kept apart)
+
+def log_model_dir(path: str | Path, name: str, *, checkpoint_format: str = "vanilla",
+                  tags: Mapping[str, Any] | None = None, run_id: str | None = None) -> str:
+    """Log a saved checkpoint directory as an MLflow Model named ``name`` (A_PRUNED_MODEL /
+    A_FINETUNED_MODEL) of the active run (or ``run_id``); return its model id.
+
+    The model's files are the checkpoint's own plus ``MLmodel`` (see tracking.model_flavor), so
+    ``runs:/<run>/<name>`` keeps downloading a directory our loader and ``from_pretrained`` read.
+    The run's params become the model's params (MLflow copies them), so the registry and the
+    Models tab show the configuration that made the model.
+    """
+    from mlflow.models import Model
+
+    from tracking import model_flavor
+    info = Model.log(None, flavor=model_flavor, name=name, run_id=run_id, checkpoint_dir=str(path),
+                     checkpoint_format=checkpoint_format,
+                     tags={schema.TAG_CHECKPOINT_FORMAT: checkpoint_format,
+                           **{k: str(v) for k, v in (tags or {}).items() if v is not None}})
+    return info.model_id
+
+
+@dataclass(frozen=True)
+class DatasetInput:
+    """One dataset a run read, as MLflow shows it under Datasets.
+
+    ``name``: what a reader recognises (``wikitext2``, ``tinystories_dev.txt``, ``piqa``);
+    ``source``: a local path (``local`` true: source type ``local``) or a URI of a named source
+    (source type DATASET_SOURCE_TYPE: ``gqaprune.data:<name>``, ``lm_eval:<task>``); ``digest``:
+    a hash of exactly the data
+    used (token ids of the windows / the scored stream); ``context``: one of schema.CTX_*;
+    ``profile``: how it was used (windows, tokens, split, seed, ...).
+    """
+    name: str
+    source: str
+    digest: str
+    context: str
+    local: bool = False
+    profile: Mapping[str, Any] | None = None
+
+
+def _dataset_entity(ds: DatasetInput):
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+
+    class RegisteredSource(DatasetSource):
+        def __init__(self, uri: str):
+            self.uri = uri
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return schema.DATASET_SOURCE_TYPE
+
+        def load(self, **kwargs):
+            raise NotImplementedError("load it with gqaprune.data.load_texts(name)")
+
+        @staticmethod
+        def _can_resolve(raw_source) -> bool:
+            return False
+
+        @classmethod
+        def _resolve(cls, raw_source):
+            return cls(str(raw_source))
+
+        def to_dict(self) -> dict:
+            return {"uri": self.uri}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict):
+            return cls(source_dict["uri"])
+
+    class Described(MetaDataset):
+        def to_dict(self) -> dict:
+            out = super().to_dict()
+            if ds.profile:
+                out["profile"] = json.dumps(dict(ds.profile), sort_keys=True, default=str)
+            return out
+
+        @property
+        def profile(self):
+            return dict(ds.profile) if ds.profile else None
+
+    if ds.local:
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        with warnings.catch_warnings():   # MLflow registers two equivalent local source types
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(str(Path(ds.source).expanduser().resolve()))
+    else:
+        source = RegisteredSource(ds.source)
+    return Described(source, name=ds.name, digest=ds.digest[:36])
+
+
+def log_dataset(ds: DatasetInput) -> None:
+    """Record ``ds`` as a dataset input of the active run (context tag ``mlflow.data.context``)."""
+    mlflow.log_input(_dataset_entity(ds), context=ds.context)

@@ -183,6 +183,7 @@ A_FT_EXAMPLE = "finetune_example.txt"
 M_PPL = "ppl/{dataset}"                   # exp(mean NLL) under the logged protocol
 M_NLL = "nll/{dataset}"                   # mean NLL per scored token (nats)
 M_PPL_TOKENS = "ppl_tokens/{dataset}"     # scored tokens
+M_PPL_WINDOWS = "ppl_windows/{dataset}"   # windows scored
 M_ZS_MEAN = "zeroshot/mean_acc"           # mean task score (measure per acc_convention)
 M_ZS_TASKS = "zeroshot/num_tasks"
 M_MODEL_PARAMS = "model/params"
@@ -244,6 +245,11 @@ LABEL_PRUNED_LORA = "pruned+LoRA"          # eval -> finetune run -> prune run
 LABEL_DENSE_LORA = "dense+LoRA"            # eval -> finetune run of an unpruned model
 A_RESULTS_TABLE = "results_table.csv"      # analysis.cross_model: the joined table
 A_CROSS_MODEL = "cross_model_{metric}"     # + .md / .tex / .csv / _relative.csv / .png
+A_CROSS_MODEL_RELATIVE = "cross_model_{metric}_relative"   # + .csv: the change vs dense, in %
+RUN_CROSS_MODEL = "cross_model"            # run name of analysis.cross_model runs
+RUN_CONSOLIDATE = "consolidate"            # run name of analysis.consolidate runs
+M_N_RESULTS = "n_results"                  # analysis: rows of the joined results table
+M_N_MODELS = "n_models"                    # analysis: distinct models in it
 A_BASE_INSTRUCT_FIG = "base_vs_instruct_{metric}.png"
 
 
@@ -424,3 +430,121 @@ def split_column(column: str) -> tuple[str | None, str]:
         if column.startswith(kind):
             return kind[:-1], column[len(kind):]
     return None, column
+
+
+# ---- MLflow's own conventions: logged models and dataset inputs --------------------------------
+# A pruned / fine-tuned checkpoint is logged as an MLflow Model named like its artifact
+# (A_PRUNED_MODEL / A_FINETUNED_MODEL): it lists under the run's Models, can be registered, and
+# ``runs:/<run>/pruned_model`` still downloads the checkpoint directory (plus its MLmodel file).
+MODEL_FLAVOR = "gqaprune_checkpoint"         # the flavor key in MLmodel
+CTX_CALIBRATION = "calibration"              # dataset input contexts (tag mlflow.data.context)
+CTX_RECONSTRUCTION = "reconstruction"
+CTX_IMPORTANCE = "importance"                # layer-importance windows (layerwise / blockwise)
+CTX_EVALUATION = "evaluation"
+CTX_TRAINING = "training"
+DATASET_SOURCE_TYPE = "gqaprune_data"        # source type of registered text sources (wikitext2, demo, ...)
+
+# ---- the selection rule and the study analyses (analysis/selection.py, consolidate, cross_model) -
+TAG_BEST_RUN = "best_run_id"                 # search: the best point's prune run (one model x ratio)
+TAG_BEST_EVAL_RUN = "best_eval_run_id"       # search: the eval run it won with
+TAG_BEST_RUN_OF = "best_run_id/{group}"      # search with several (model, ratio) groups: one per group
+TAG_BEST_EVAL_RUN_OF = "best_eval_run_id/{group}"
+TAG_REGISTERED = "registered_versions"       # analysis: name/version,... of the registered bests
+TAG_EXPORTED = "exported_to"                 # analysis: the --export_best directory
+P_SELECT_BY = "select_by"                    # analysis / search: the selection rule as given
+P_SELECTION_RULE = "selection_rule"          # the rule in words (logged wherever a best is chosen)
+A_BEST_CONFIG = "best_config.json"           # search: the best configuration of each (model, ratio)
+A_GLOBAL_BEST_CONFIG = "global_best_config.json"   # consolidate: a model's best over every method
+A_METHOD_COMPARISON = "method_comparison.json"     # consolidate: per method best / mean / std / n
+A_METHOD_TABLE = "method_comparison"         # + .md / .tex / .csv
+A_MODEL_RESULTS = "model_results"            # consolidate: every method's results (+ .md/.tex/.csv)
+A_ANALYSIS_SUMMARY = "analysis_summary.json"  # cross_model: the five analyses as one JSON
+A_STUDY = "study_{name}"                     # cross_model: one analysis (+ .md / .tex / .csv)
+A_STUDY_FIG = "study_{name}"                 # cross_model: one figure (+ .png / .pdf)
+M_STUDY_MODELS = "study/models"              # models with at least one best configuration
+M_STUDY_CANDIDATES = "study/candidates"      # pruned configurations compared
+M_STUDY_EXCLUDED = "study/excluded"          # configurations without the selection metric
+REGISTERED_MODEL = "gqaprune-{alias}"        # registry name of a model's best pruned checkpoint
+
+# The five analyses of cross_model (names of their tables) and the study figures.
+STUDY_BEST = "best_configs"
+STUDY_BASE_INSTRUCT = "base_vs_instruct"
+STUDY_METHODS = "method_preference"
+STUDY_PARAMS = "winning_params"
+STUDY_FAMILIES = "family_comparison"
+STUDY_ANALYSES = (STUDY_BEST, STUDY_BASE_INSTRUCT, STUDY_METHODS, STUDY_PARAMS, STUDY_FAMILIES)
+FIG_BASE_INSTRUCT = "base_vs_instruct_bars"
+FIG_PARAMS = "winning_params"
+FIG_METHODS = "methods_by_model"
+FIG_SCATTER = "acc_vs_ppl"
+FIG_KEPT = "kept_by_layer"
+STUDY_FIGURES = (FIG_BASE_INSTRUCT, FIG_PARAMS, FIG_METHODS, FIG_SCATTER, FIG_KEPT)
+
+
+def best_run_tag(group: str, eval_run: bool = False) -> str:
+    """``best_run_id/<group>`` (``best_eval_run_id/<group>``); group e.g. ``Llama_0.2``."""
+    return (TAG_BEST_EVAL_RUN_OF if eval_run else TAG_BEST_RUN_OF).format(group=metric_name(group).replace("/", "_"))
+
+
+def best_group_of(tag: str) -> str | None:
+    """The group of a per-group best tag (``best_run_id/Llama_0.2`` -> ``Llama_0.2``), else None."""
+    n = parse(tag)
+    return n.key if n.group in (parse(TAG_BEST_RUN_OF).group, parse(TAG_BEST_EVAL_RUN_OF).group) else None
+
+
+def study_artifact(name: str, ext: str) -> str:
+    """``study_<name>.<ext>`` (ext: md, tex, csv) of one of STUDY_ANALYSES."""
+    return f"{A_STUDY.format(name=name)}.{ext}"
+
+
+def study_figure(name: str, ext: str = "png") -> str:
+    return f"{A_STUDY_FIG.format(name=name)}.{ext}"
+
+
+def registered_model_name(alias: str) -> str:
+    """The Model Registry name of an alias' best pruned model (``gqaprune-Llama-Instruct``)."""
+    return REGISTERED_MODEL.format(alias=re.sub(r"[^A-Za-z0-9_.-]+", "-", alias).strip("-") or "model")
+
+
+def zeroshot_task_metrics(task_measures: str | None) -> dict[str, str]:
+    """``piqa=acc,hellaswag=acc_norm`` (param task_measures) -> {task: ``<task>/<measure>``}."""
+    out = {}
+    for item in (task_measures or "").split(","):
+        task, eq, measure = item.partition("=")
+        if eq and measure and measure != "None":
+            out[task] = task_metric(task, measure)
+    return out
+
+
+# ---- metric families and uncertainties, as analysis/ reads them back ------------------------------
+def group(template: str) -> str:
+    """The family (first path part) of a metric name or template: ``ppl/{dataset}`` -> ``ppl``."""
+    return parse(template).group or template
+
+
+G_PPL, G_NLL, G_PPL_TOKENS, G_PPL_WINDOWS = group(M_PPL), group(M_NLL), group(M_PPL_TOKENS), group(M_PPL_WINDOWS)
+G_ZEROSHOT, G_MODEL, G_SPEED = group(M_ZS_MEAN), group(M_MODEL_PARAMS), group(M_SPEED_DECODE)
+STDERR_SUFFIX = "_stderr"                  # lm-eval's <measure>_stderr (``piqa/acc_stderr``)
+
+
+def in_group(name: str, *groups: str) -> bool:
+    """Whether metric ``name`` belongs to one of the families ``groups`` (``ppl``, ``zeroshot``, ...)."""
+    return parse(name).group in groups
+
+
+def stderr_metric(metric: str) -> str:
+    """``piqa/acc`` -> ``piqa/acc_stderr``: the standard error lm-eval logs beside a task score."""
+    return metric + STDERR_SUFFIX
+
+
+def is_stderr(metric: str) -> bool:
+    return metric.endswith(STDERR_SUFFIX)
+
+
+def dataset_metric(template: str, dataset: str) -> str:
+    """``nll/{dataset}`` / ``ppl_tokens/{dataset}`` / ``ppl_windows/{dataset}`` of one dataset."""
+    return metric_name(template.format(dataset=dataset))
+
+
+RATIO_KINDS = {RATIO_STRUCTURED: "structured: fraction of prunable attention+MLP parameters removed",
+               RATIO_SPARSITY: "sparsity: fraction of the projection weights set to zero"}

@@ -63,7 +63,7 @@ def model_artifact_of_run(run_id: str) -> str:
                         "pass a run id from this tracking store (see `mlflow ui`)") from exc
     top = {a.path for a in call_store(lambda: client.list_artifacts(run_id), f"listing run {run_id}")}
     for name in schema.MODEL_ARTIFACTS:
-        if name in top:
+        if name in top or logged_model_of_run(run_id, name) is not None:
             return name
     raise UserError(f"run '{run_id}' has no model artifact ({' or '.join(schema.MODEL_ARTIFACTS)})",
                     "pass a prune or finetune run that finished and logged its model")
@@ -73,7 +73,7 @@ def resolve_model_source(source: str) -> Resolved:
     """Alias / HF id / dir / ``runs:/`` / ``models:/`` URI / bare run id -> something loadable."""
     if source.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         use_store()
-        return Resolved(_download(source), source, _run_of(source))
+        return Resolved(_download(source), source, _run_of(source) or run_of_model_uri(source))
     if _RUN_ID.match(source) and not Path(source).exists():
         path = model_artifact_of_run(source)
         return Resolved(_download(f"runs:/{source}/{path}"), source, source)
@@ -195,3 +195,89 @@ def runs_by_id(run_ids):
     import pandas as pd
     frames = [f for f in frames if not f.empty]
     return _with_experiment(pd.concat(frames, ignore_index=True), names) if frames else pd.DataFrame()
+
+
+# ---- logged models, the Model Registry and run artifacts (issue 10) ------------------------------
+# Kept apart from the queries above. A model logged by tracking.runs.log_model_dir is an MLflow
+# LoggedModel named like its artifact (pruned_model / finetuned_model) whose source run is the run.
+
+def logged_model_of_run(run_id: str, name: str):
+    """The READY MLflow LoggedModel called ``name`` that ``run_id`` produced (newest), else None."""
+    client = _client()
+    try:
+        exp = client.get_run(run_id).info.experiment_id
+        found = client.search_logged_models(experiment_ids=[exp],
+                                            filter_string=f"name = '{name}' AND source_run_id = '{run_id}'")
+    except Exception:  # noqa: BLE001 - stores without logged models (older servers)
+        return None
+    ready = [m for m in found if str(getattr(m.status, "value", m.status)) == "READY"]
+    return max(ready, key=lambda m: m.creation_timestamp) if ready else None
+
+
+def run_of_model_uri(uri: str) -> str | None:
+    """The run that produced the model of a ``models:/<name>/<version|alias>`` or
+    ``models:/<model id>`` URI (so an eval of a registered model links to its prune run)."""
+    m = re.match(r"^models:/([^/]+)(?:/([^/]+))?", uri)
+    if not m:
+        return None
+    client = _client()
+    name, ref = m.group(1), m.group(2)
+    try:
+        if ref is None:
+            return client.get_logged_model(name).source_run_id
+        if ref.isdigit():
+            return client.get_model_version(name, ref).run_id or None
+        if ref.lower() == "latest":
+            versions = client.search_model_versions(f"name = '{name}'")
+            return max(versions, key=lambda v: int(v.version)).run_id if versions else None
+        return client.get_model_version_by_alias(name, ref).run_id or None
+    except Exception:  # noqa: BLE001 - the download reports a bad URI with its own message
+        return None
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: str
+    source: str          # models:/<model id> (the logged model) it points at
+    run_id: str
+
+
+def register_model(run_id: str, artifact: str, name: str, tags: dict[str, str]) -> RegisteredVersion:
+    """A new version of registered model ``name`` from the model ``artifact`` of ``run_id``,
+    tagged with ``tags``. A run from before models were logged as MLflow Models (a plain artifact
+    directory) gets its checkpoint logged as one first: the registry needs a logged model."""
+    model = logged_model_of_run(run_id, artifact)
+    if model is None:
+        local = _download(f"runs:/{run_id}/{artifact}")
+        from tracking.runs import log_model_dir
+        log_model_dir(local, artifact, run_id=run_id)
+        model = logged_model_of_run(run_id, artifact)
+    version = mlflow.register_model(f"models:/{model.model_id}", name,
+                                    tags={k: str(v)[:5000] for k, v in tags.items() if v is not None})
+    return RegisteredVersion(name, str(version.version), f"models:/{model.model_id}", run_id)
+
+
+def artifact_paths(run_id: str) -> list[str]:
+    """Top-level artifact paths of a run, including the names of the models it logged."""
+    client = _client()
+    paths = [a.path for a in client.list_artifacts(run_id)]
+    return paths + [n for n in schema.MODEL_ARTIFACTS if n not in paths and logged_model_of_run(run_id, n)]
+
+
+def download_artifact(run_id: str, path: str, dst: str | Path) -> str:
+    """Copy one artifact (file or directory, a logged model included) of a run into ``dst``."""
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=f"runs:/{run_id}/{path}", dst_path=str(dst))
+    except Exception as exc:  # noqa: BLE001 - mlflow raises several types
+        raise UserError(f"could not fetch '{path}' of run {run_id} ({str(exc).splitlines()[0][:150]})",
+                        "check the run in `mlflow ui`; was it logged by this store?") from exc
+
+
+def load_json_artifact(run_id: str, path: str):
+    """A JSON artifact of a run as Python data, or None when the run has no such artifact."""
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except Exception:  # noqa: BLE001 - absent or unreadable: the caller says what is missing
+        return None
