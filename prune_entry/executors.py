@@ -415,6 +415,8 @@ class RayExecutor:
                 raise UserError(f"cpus_per_point {self.settings.cpus_per_point:g} exceeds the "
                                 f"{ray.cluster_resources().get('CPU', 0):g} CPUs of the Ray instance",
                                 "pass a smaller --cpus_per_point")
+            if self.claim is not None:      # one registry made here, not raced for by the workers
+                claims.prepare(self.claim)
             backend = _RayBackend(ray, work, self.claim, self.settings, self._gpus(ray, started))
             return _drive(backend, self.settings, points, on_done, on_progress, "sweep (ray)")
         finally:

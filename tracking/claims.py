@@ -209,6 +209,13 @@ def ensure_registry(client: MlflowClient, experiment_id: str) -> list:
     return list_registries(client, experiment_id)
 
 
+def prepare(settings: "ClaimSettings") -> None:
+    """The driver makes the sweep's registry before it hands points out, so parallel workers find
+    one instead of each creating its own (several registries still work: claims are written to
+    every one)."""
+    ensure_registry(_client(), settings.experiment_id)
+
+
 def point_state(registries: list, key: str) -> PointState:
     gens, ended, heartbeat = {}, {}, {}
     prefix = f"claim/{key}/"
