@@ -302,8 +302,8 @@ def figure(report: dict):
         ax.set_xticks(np.arange(len(keys)) + width * (len(models) - 1) / 2, keys, rotation=20, ha="right",
                       fontsize=8)
         ax.set_title(title, fontsize=9)
-        if keys:
-            ax.legend(fontsize=7)
+        if keys:      # beside the bars, never over them
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, frameon=False)
     fig.tight_layout()
     return fig
 

@@ -7,6 +7,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def wrapped(text: str, width_in: float, fontsize: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``fontsize`` points (a character
+    is taken as 0.6 em wide: conservative for the default sans-serif font)."""
+    import textwrap
+    chars = max(16, int(width_in * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.splitlines() or [""])
+
+
+def set_title(ax, text: str, fontsize: float = 10):
+    """An axes title wrapped to the axes' width (long run titles are never cut at the edges)."""
+    fig = ax.get_figure()
+    return ax.set_title(wrapped(text, fig.get_figwidth() * ax.get_position().width, fontsize), fontsize=fontsize)
+
+
+def set_suptitle(fig, text: str, fontsize: float = 10):
+    """A figure title wrapped to the figure's width."""
+    return fig.suptitle(wrapped(text, fig.get_figwidth() * 0.95, fontsize), fontsize=fontsize)
+
+
 def legend_outside(ax, **kwargs):
     """The axes' legend to the right of its data area (never over the bars or lines), no frame.
 
@@ -27,7 +46,7 @@ def layer_summary_figure(rows: list[dict], title: str):
     ax.set_ylabel("fraction of parameters pruned")
     ax.set_ylim(0, 1)
     ax.set_xticks(layers)
-    ax.set_title(title, fontsize=10)
+    set_title(ax, title)
     legend_outside(ax)
     fig.tight_layout()
     return fig

@@ -752,7 +752,7 @@ def ppl_figure(frame: pd.DataFrame):
         return None
     from matplotlib.ticker import PercentFormatter
 
-    from gqaprune.plots import plt
+    from gqaprune.plots import legend_outside, plt, set_title
     models = list(dict.fromkeys(frame["model"]))
     fig, axes = plt.subplots(len(ppl_cols), len(models), figsize=(4.2 * len(models) + 1, 3.4 * len(ppl_cols)),
                              squeeze=False)
@@ -777,12 +777,12 @@ def ppl_figure(frame: pd.DataFrame):
                 ax.set_yscale("log")
             ax.set_xlim(0, min(1.0, float(sub[RATIO].max() if len(sub) else 0.5) + 0.1))
             ax.xaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
-            ax.set_title(f"{_short_model(model)} · {col}", fontsize=10)
+            set_title(ax, f"{_short_model(model)} · {col}")
             ax.set_xlabel("prunable parameters removed (achieved)")
             ax.set_ylabel(col)
             ax.grid(alpha=0.3)
             if len(sub):
-                ax.legend(fontsize=7)
+                legend_outside(ax, fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -133,3 +133,31 @@ def _offline(monkeypatch):
         monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", os.environ["MLFLOW_EXPERIMENT_ID"])
     else:
         monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+
+
+_FIGURES_CHECKED: dict[str, int] = {}
+FIGURE_CHECKS_PER_NAME = 3     # each kind of figure is checked on its first few inputs (a draw each)
+
+
+@pytest.fixture(autouse=True)
+def _figure_layout(monkeypatch):
+    """Every figure a test logs through tracking.runs.log_figure (the toolkit's one way to write a
+    figure) must lay out well: nothing cut, legends outside the data, unique labels, a title
+    (tests/figure_layout.py). GQAPRUNE_FIGURE_AUDIT=<file> also records every check as JSON lines."""
+    from figure_layout import layout_problems
+    from tracking import runs
+    real, found, audit = runs.log_figure, [], os.environ.get("GQAPRUNE_FIGURE_AUDIT")
+
+    def checked(fig, name):
+        if audit or _FIGURES_CHECKED.get(name, 0) < FIGURE_CHECKS_PER_NAME:
+            _FIGURES_CHECKED[name] = _FIGURES_CHECKED.get(name, 0) + 1
+            problems = layout_problems(fig)
+            found.extend(f"{name}: {p}" for p in problems)
+            if audit:
+                with open(audit, "a") as fh:
+                    fh.write(json.dumps({"name": name, "problems": problems}) + "\n")
+        return real(fig, name)
+    monkeypatch.setattr(runs, "log_figure", checked)
+    yield
+    if found:
+        pytest.fail("figure layout: " + "; ".join(found), pytrace=False)

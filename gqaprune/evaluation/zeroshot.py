@@ -446,7 +446,7 @@ def score_stderr(s: TaskScore) -> float | None:
 def accuracy_figure(result: ZeroShotResult, title: str):
     """Bar per task (its score ± lm-eval's standard error, measure in the label), chance level as
     a tick, mean as a line; the legend right of the data."""
-    from gqaprune.plots import legend_outside, plt
+    from gqaprune.plots import legend_outside, plt, set_title
 
     rows = [s for s in result.scores if s.score is not None]
     fig, ax = plt.subplots(figsize=(max(5.5, 1.1 * len(rows) + 3.0), 3.6))
@@ -466,7 +466,7 @@ def accuracy_figure(result: ZeroShotResult, title: str):
     ax.set_ylim(0, 1.3)                       # headroom: the two-line value labels sit above the bars
     ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_ylabel("accuracy")
-    ax.set_title(title, fontsize=9, wrap=True)
+    set_title(ax, title, fontsize=9)
     legend_outside(ax, fontsize=7)
     fig.tight_layout()
     return fig

@@ -22,7 +22,7 @@ from gqaprune.finetune.encoding import IGNORE, FinetuneData, collate
 from gqaprune.finetune.lora import trainable_parameters
 from gqaprune.finetune.loss import accumulate_gradients, mean_loss
 from gqaprune.finetune.schedule import TrainingConfig, lr_at, micro_batches, steps_per_epoch, total_steps
-from gqaprune.plots import plt
+from gqaprune.plots import legend_outside, plt, set_suptitle
 
 
 @dataclass(frozen=True)
@@ -219,9 +219,9 @@ def training_curves_figure(history: History, title: str):
                      label="validation loss")
     ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("mean target-token NLL (nats)")
-    ax_loss.legend(fontsize=8)
+    legend_outside(ax_loss)
     ax_lr.set_xlabel("optimizer step")
     ax_lr.set_ylabel("learning rate")
-    fig.suptitle(title, fontsize=10)
+    set_suptitle(fig, title)
     fig.tight_layout()
     return fig

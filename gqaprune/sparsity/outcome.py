@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from gqaprune.plots import plt
+from gqaprune.plots import legend_outside, plt, set_title
 from gqaprune.sparsity.config import SparsityConfig
 from gqaprune.sparsity.masks import NMCheck, ProjectionSparsity
 from gqaprune.sparsity.owl import OwlResult
@@ -140,8 +140,8 @@ def sparsity_figure(outcome: SparsityOutcome):
     ax.set_ylim(0, 1)
     ax.set_xticks(layers)
     c = outcome.config
-    ax.set_title(f"{c.method} {c.sparsity_pattern}{' + OWL' if c.owl else ''}: overall "
-                 f"{outcome.overall_sparsity:.1%} of the projection weights", fontsize=10)
-    ax.legend(fontsize=8)
+    set_title(ax, f"{c.method} {c.sparsity_pattern}{' + OWL' if c.owl else ''}: overall "
+                  f"{outcome.overall_sparsity:.1%} of the projection weights")
+    legend_outside(ax)
     fig.tight_layout()
     return fig

@@ -170,7 +170,7 @@ def verdict(diag: Diagnosis, settings: dict) -> str:
 
 def diagnosis_figure(diag: Diagnosis, title: str, rates: list | None = None):
     """Two panels: pruned fractions per layer (with target rates) and gradient scales (log)."""
-    from gqaprune.plots import legend_outside, plt
+    from gqaprune.plots import legend_outside, plt, set_title
     rows = diag.layers
     x = [r.layer for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(rows) + 2), 6), sharex=True)
@@ -185,7 +185,7 @@ def diagnosis_figure(diag: Diagnosis, title: str, rates: list | None = None):
     top.set_ylim(0, 1)
     top.set_ylabel("fraction pruned")
     legend_outside(top, fontsize=7)
-    top.set_title(title, fontsize=10)
+    set_title(top, title)
     bottom.semilogy(x, [max(r.grad_norm, 1e-30) for r in rows], "o-", label="grad norm")
     bottom.semilogy(x, [max(r.grad_mean, 1e-30) for r in rows], "s-", label="grad mean |g|")
     bottom.semilogy(x, [max(r.mean_importance, 1e-30) for r in rows], "^-", label="Taylor score / param")
@@ -199,7 +199,7 @@ def diagnosis_figure(diag: Diagnosis, title: str, rates: list | None = None):
 
 def rates_figure(rows: list, title: str):
     """Importance per layer/block (bars) and target vs achieved pruning rate (markers)."""
-    from gqaprune.plots import legend_outside, plt
+    from gqaprune.plots import legend_outside, plt, set_title
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.45 * len(rows) + 2), 5.5), sharex=True)
     blocks = sorted({r.block for r in rows})
     width = 0.8 / len(blocks)
@@ -210,7 +210,7 @@ def rates_figure(rows: list, title: str):
         bottom.bar(xs, [r.achieved_rate for r in sel], width, label=f"{blk} achieved", alpha=0.7)
         bottom.plot(xs, [r.target_rate for r in sel], "k_", markersize=14)
     top.set_ylabel("importance (removal: nats/token)", fontsize=8)
-    top.set_title(title, fontsize=10)
+    set_title(top, title)
     legend_outside(top, fontsize=7)
     bottom.set_ylabel("pruning rate (bar) / target (-)")
     bottom.set_xlabel("decoder layer")

@@ -472,7 +472,7 @@ def obs_commit(model, plan: PruningPlan, calibration_ids: torch.Tensor, settings
 def obs_figure(result: ObsResult, title: str):
     """Top: fraction removed per layer (attention, MLP, layer). Bottom: relative errors per
     projection — surgery alone vs after OBS compensation (log scale)."""
-    from gqaprune.plots import plt
+    from gqaprune.plots import legend_outside, plt, set_title
 
     rows = result.plan.layer_summary()
     x = [r["layer"] for r in rows]
@@ -483,8 +483,8 @@ def obs_figure(result: ObsResult, title: str):
         top.bar([v + (k - 1) * width for v in x], [1 - r[key] for r in rows], width, label=label)
     top.set_ylim(0, 1)
     top.set_ylabel("fraction removed")
-    top.legend(fontsize=7, ncol=3)
-    top.set_title(title, fontsize=10)
+    legend_outside(top, fontsize=7)
+    set_title(top, title)
     for proj, marker in zip(PROJECTIONS, ("o", "s")):
         sel = [r for r in result.projections if r.proj == proj]
         xs = [r.layer for r in sel]
@@ -494,7 +494,7 @@ def obs_figure(result: ObsResult, title: str):
     bottom.set_ylabel("||XW^T - Y|| / ||Y||")
     bottom.set_xlabel("decoder layer")
     bottom.set_xticks(x)
-    bottom.legend(fontsize=7)
+    legend_outside(bottom, fontsize=7)
     fig.tight_layout()
     return fig
 

@@ -490,7 +490,7 @@ def _reconstruct_layers(model, layers, shapes, plan, batches, settings, result) 
 
 def error_figure(rows: list[dict], title: str):
     """Per layer and projection: relative reconstruction error before vs after the refit."""
-    from gqaprune.plots import legend_outside, plt
+    from gqaprune.plots import legend_outside, plt, set_suptitle
 
     projs = sorted({r["proj"] for r in rows}, key=PROJECTIONS.index)
     fig, axes = plt.subplots(1, len(projs), figsize=(4.5 * len(projs), 3.4), squeeze=False)
@@ -504,6 +504,6 @@ def error_figure(rows: list[dict], title: str):
         ax.set_xticks(layers)
         ax.set_ylabel("relative error ||XW^T+b-Y|| / ||Y||")
     legend_outside(axes[0][-1])        # the panels share their two series: one legend
-    fig.suptitle(title, fontsize=10)
+    set_suptitle(fig, title)
     fig.tight_layout()
     return fig
