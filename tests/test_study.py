@@ -27,6 +27,7 @@ from statistics import mean, stdev
 import mlflow
 import pandas as pd
 import pytest
+from figure_layout import layout_problems
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -624,12 +625,14 @@ def test_figures_are_drawn_inside_the_canvas(in_known):
     assert set(made) == set(schema.STUDY_FIGURES)
     for fig in made.values():
         inside(fig)
+        assert layout_problems(fig) == []
         assert sum(len(ax.patches) + len(ax.lines) + len(ax.collections) for ax in fig.axes) > 0
         figures.plt().close(fig)
     table = query.results_table([in_known["experiment"]], details=True)
     p = cross_model.pivot(table, schema.ppl_metric("wiki"))
     for fig in (cross_model.ratio_figure(p), cross_model.base_instruct_figure(p, s)):
         inside(fig)
+        assert layout_problems(fig) == []
         figures.plt().close(fig)
 
 
