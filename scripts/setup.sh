@@ -26,8 +26,15 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
         || "$PY" -m pip install -q torch==2.13.0
     fi
   fi
-  echo "[setup] installing gqaprune and its dependencies"
-  "$PY" -m pip install -q -e "$ROOT[test,distributed]"
+  # pip's and setuptools' own notices (e.g. the editable-install BuildBackendWarning) go to a log,
+  # shown only when the install fails.
+  LOG="$VENV/pip-install.log"
+  echo "[setup] installing gqaprune and its dependencies (a few minutes the first time; log: $LOG)"
+  if ! "$PY" -m pip install -q -e "$ROOT[test,distributed]" >"$LOG" 2>&1; then
+    cat "$LOG" >&2
+    echo "[setup] error: pip install failed (full log above, also in $LOG)" >&2
+    exit 1
+  fi
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
