@@ -171,9 +171,12 @@ def _wait_for_second_prune(client, exp_name: str, proc, log: Path, timeout: floa
     raise AssertionError("the second point never started: " + log.read_text()[-3000:])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
-def test_a_killed_sweep_resumes_to_one_finished_child_per_point(files, tmp_path, sig):
+SIGNALS = ["SIGTERM", "SIGINT", "SIGKILL"]
+
+
+def _kill_and_resume(files: Path, tmp_path: Path, sig: str) -> tuple[MlflowClient, subprocess.CompletedProcess]:
+    """A real sweep (2 points) stopped by ``sig`` while its second point runs, then the same
+    command again; its store's client and the second command's outcome."""
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = child_env(store, "killed-sweep")
     prune_args = f"--calibration_dataset {files / 'corpus.txt'} --taylor_seq_len 16 --reconstruct none"
@@ -192,7 +195,23 @@ def test_a_killed_sweep_resumes_to_one_finished_child_per_point(files, tmp_path,
             proc.kill()
             proc.wait()
     # the same command again: the finished point is reused, the killed one runs again
-    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    return client, subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def killed_sweeps(files, tmp_path_factory):
+    """The three signals at once (each in its own store): most of the time is waiting."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=len(SIGNALS)) as pool:
+        futures = {sig: pool.submit(_kill_and_resume, files, tmp_path_factory.mktemp(f"killed-{sig}"), sig)
+                   for sig in SIGNALS}
+        return {sig: f.result() for sig, f in futures.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_killed_sweep_resumes_to_one_finished_child_per_point(killed_sweeps, sig):
+    client, done = killed_sweeps[sig]
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     exp = client.get_experiment_by_name("killed-sweep")
     every = client.search_runs([exp.experiment_id])

@@ -225,6 +225,7 @@ def test_logging_helpers_write_the_same_names_and_values(tracking_store, tmp_pat
     from gqaprune.plots import plt
     fig, ax = plt.subplots()
     ax.plot([0, 1])
+    ax.set_title("a line")
     with runs.tracked_run("prune") as r:
         runs.log_params({"a": 1, "b": None, "uri": "http://u:p@h:1"})
         runs.log_params({"a": 2})                                                 # kept as first logged
