@@ -46,6 +46,8 @@ def test_verbose_from_the_flag_or_the_environment(flags, env, expected, monkeypa
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# tqdm's bar or its time / rate bracket ("[00:01<00:02, 3.1it/s]", "[00:00, ? examples/s]")
+PROGRESS = re.compile(r"%\||\[\d+:\d+(:\d+)?[,<]")
 # The toolkit's own per-run lines, which a sweep prints once per eval run by design.
 OWN_LINES = re.compile(r"^(data: |mean accuracy|\S+ \((acc|acc_norm)\): )")
 
@@ -53,12 +55,13 @@ OWN_LINES = re.compile(r"^(data: |mean accuracy|\S+ \((acc|acc_norm)\): )")
 def repeated_lines(text: str) -> dict[str, int]:
     """Lines printed more than once (progress-bar redraws excluded: they repeat by design)."""
     lines = [ANSI.sub("", seg).strip() for line in text.splitlines() for seg in line.split("\r")]
-    lines = [ln for ln in lines if ln and "%|" not in ln and "it/s" not in ln and "s/it" not in ln]
+    lines = [ln for ln in lines if ln and not PROGRESS.search(ln)]
     return {ln: n for ln, n in Counter(lines).items() if n > 1}
 
 
 def test_repeated_lines_ignore_progress_bars_and_escapes():
-    text = "a\r b 10%|#  | 1/10\r b 20%|## | 2/10\n\x1b[Anote x\nnote x\nc\n"
+    text = ("a\r b 10%|#  | 1/10\r b 20%|## | 2/10\n\x1b[Anote x\nnote x\nc\n"
+            + "Generating test split: 0 examples [00:00, ? examples/s]\n" * 2)
     assert repeated_lines(text) == {"note x": 2}
 
 
