@@ -18,6 +18,7 @@ every p.grad during backward: G, F and all g_b at once), kept for tests and benc
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,28 @@ class TaylorConfig(Section):
                              choices=(1, 2))
 
 
+@contextmanager
+def _projection_grads(model):
+    """Only the projection weights require grad (embeddings / lm_head cost no gradient memory),
+    their .grad starts empty, the model is in eval mode; everything is restored on exit. Yields
+    the prunable parameters."""
+    params = list(prunable_parameters(model))
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    was_training = model.training
+    model.eval()
+    try:
+        yield params
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
 def accumulate_gradients(model, batches: torch.Tensor, batch_size: int, second_order: bool,
                          desc: str = "taylor") -> tuple[dict, dict]:
     """Reference full-gradient path (tests, benchmarks): causal-LM loss gradients of the prunable
@@ -48,19 +71,10 @@ def accumulate_gradients(model, batches: torch.Tensor, batch_size: int, second_o
     batches: LongTensor [N, T]. Returns ({param: sum_b g_b}, {param: sum_b g_b**2} or {}).
     Only the projection weights require grad, so embeddings/lm_head cost no gradient memory.
     """
-    params = list(prunable_parameters(model))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
     grad_sum: dict = {}
     grad_sq: dict = {}
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with _projection_grads(model) as params:
+        device = next(model.parameters()).device
         for start in tqdm(range(0, batches.shape[0], batch_size), desc=desc, leave=False):
             ids = batches[start: start + batch_size].to(device)
             model(input_ids=ids, labels=ids).loss.backward()
@@ -72,10 +86,6 @@ def accumulate_gradients(model, batches: torch.Tensor, batch_size: int, second_o
                     grad_sq[p] = g.float().pow(2) + grad_sq.get(p, 0)
         if not second_order:  # .grad already holds sum_b g_b
             grad_sum = {p: p.grad for p in params}
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
     for p in params:
         p.grad = None
     return grad_sum, grad_sq
@@ -181,30 +191,20 @@ def stream_taylor(model, batches: torch.Tensor, batch_size: int, variant: str, o
                   desc: str = "taylor") -> TaylorSums:
     """One calibration pass (batches LongTensor [N, T]) folding each mini-batch gradient into
     :class:`TaylorSums` by gradient hooks. Only projection weights require grad."""
-    params = list(prunable_parameters(model))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     fold = _Fold(model, variant, order)
-    for p, _ in flags:
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
-    handles = [p.register_post_accumulate_grad_hook(fold) for p in params]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        for start in tqdm(range(0, batches.shape[0], batch_size), desc=desc, leave=False):
-            ids = batches[start: start + batch_size].to(device)
-            model(input_ids=ids, labels=ids).loss.backward()
-            fold.finish_batch()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-            p.grad = None
-        model.train(was_training)
+    with _projection_grads(model) as params:
+        handles = [p.register_post_accumulate_grad_hook(fold) for p in params]
+        device = next(model.parameters()).device
+        try:
+            for start in tqdm(range(0, batches.shape[0], batch_size), desc=desc, leave=False):
+                ids = batches[start: start + batch_size].to(device)
+                model(input_ids=ids, labels=ids).loss.backward()
+                fold.finish_batch()
+        finally:
+            for h in handles:
+                h.remove()
+            for p in model.parameters():
+                p.grad = None
     return fold.sums
 
 
